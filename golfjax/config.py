@@ -1,0 +1,295 @@
+"""Typed, frozen run configuration.
+
+A config is a tree of frozen dataclasses. Every field defaults to the reference
+baseline (`train_gpt.py` of openai/parameter-golf), so `Config()` *is* the
+baseline. Values are resolved in this order, later wins:
+
+1. the dataclass defaults,
+2. the config file (`configs/NAME.py` defining `get_config() -> Config`),
+3. the reference's environment variables (`NUM_LAYERS=2`, `DATA_PATH=...`;
+   every field is reachable as its name in upper case),
+4. `--set section.field=value` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, an environment variable or a --set."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    # "auto": bfloat16 on GPU/TPU, float32 on CPU. Params are always float32.
+    compute_dtype: str = "auto"
+    # "auto": cuDNN fused attention on GPU with 16-bit inputs, XLA elsewhere.
+    attention_impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    # Newton-Schulz precision: "bfloat16" as the reference, or "float32".
+    muon_ns_dtype: str = "bfloat16"
+    # Named coefficient table of golfjax.optim.muon.NS_COEFFICIENTS.
+    muon_ns_coeffs: str = "standard"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 20000
+    warmdown_iters: int = 1200
+    # The reference runs this many throwaway steps to warm torch.compile; golfjax
+    # compiles ahead of time instead, so the field is accepted and not needed.
+    warmup_steps: int = 20
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0
+    seed: int = 1337
+    val_loss_every: int = 1000
+    train_log_every: int = 200
+    # 0 means the reference rule: 8 // number of data-parallel devices.
+    grad_accum_steps: int = 0
+    run_id: str = ""
+    out_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    val_batch_size: int = 524_288
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    scheme: str = "int8-zlib"
+    artifact_limit_bytes: int = 16_000_000
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+
+
+# ----------------------------------------------------------------------------
+# value parsing
+
+
+def _parse_value(raw: str, typ: Any, where: str) -> Any:
+    """Parse a string the way the reference reads its environment."""
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(raw.strip().replace("_", ""))
+        if typ is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read {raw!r} as {typ.__name__}") from None
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in fields(section_cls)}
+
+
+def env_name(field_name: str) -> str:
+    """The reference environment variable for a config field."""
+    return field_name.upper()
+
+
+def _env_index() -> dict[str, tuple[str, str]]:
+    index: dict[str, tuple[str, str]] = {}
+    for section in SECTIONS:
+        for name in _field_types(_section_class(section)):
+            key = env_name(name)
+            assert key not in index, f"config field {name} is not unique across sections"
+            index[key] = (section, name)
+    return index
+
+
+def _section_class(section: str) -> type:
+    return type(getattr(Config(), section))
+
+
+# ----------------------------------------------------------------------------
+# building a config
+
+
+def with_values(config: Config, values: Mapping[str, Mapping[str, Any]]) -> Config:
+    """Return `config` with `{section: {field: typed value}}` replaced."""
+    updates = {}
+    for section, items in values.items():
+        updates[section] = replace(getattr(config, section), **items)
+    return replace(config, **updates)
+
+
+def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    """Apply the reference's environment variables; return the config and what was used."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {}
+    used: dict[str, str] = {}
+    for key, (section, name) in _env_index().items():
+        if key in environ:
+            typ = _field_types(_section_class(section))[name]
+            values.setdefault(section, {})[name] = _parse_value(environ[key], typ, f"environment {key}")
+            used[key] = environ[key]
+    return with_values(config, values), used
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `section.field=value` strings (the `--set` flag)."""
+    values: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value (sections: {', '.join(SECTIONS)})")
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+        types = _field_types(_section_class(section))
+        if name not in types:
+            raise ConfigError(
+                f"--set {item!r}: unknown config key {key!r}; fields of {section}: {', '.join(types)}"
+            )
+        values.setdefault(section, {})[name] = _parse_value(raw, types[name], f"--set {key}")
+    return with_values(config, values)
+
+
+def load_config_file(path: str | os.PathLike) -> Config:
+    """Run a config file and return what its `get_config()` returns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"golfjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken config file is a user mistake
+        raise ConfigError(f"config file {path} failed to load: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} must define get_config() -> golfjax.config.Config")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not golfjax.config.Config")
+    return config
+
+
+def resolve(
+    config_path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """File, then environment, then --set; returns the config and the env vars used."""
+    config = load_config_file(config_path) if config_path else Config()
+    config, used = apply_env(config, environ)
+    config = apply_overrides(config, overrides)
+    validate(config)
+    return config, used
+
+
+def validate(config: Config) -> None:
+    """Reject shapes the model cannot build, with the reason."""
+    m, t = config.model, config.train
+    if m.model_dim % m.num_heads:
+        raise ConfigError(f"model_dim={m.model_dim} must be divisible by num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"num_heads={m.num_heads} must be divisible by num_kv_heads={m.num_kv_heads}")
+    if (m.model_dim // m.num_heads) % 2:
+        raise ConfigError(f"head_dim={m.model_dim // m.num_heads} must be even for RoPE")
+    if m.logit_softcap <= 0:
+        raise ConfigError(f"logit_softcap must be positive, got {m.logit_softcap}")
+    if m.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"compute_dtype must be auto/float32/bfloat16/float16, got {m.compute_dtype!r}")
+    if t.train_seq_len <= 0 or t.train_batch_tokens <= 0:
+        raise ConfigError("train_seq_len and train_batch_tokens must be positive")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(to_dict(config), sort_keys=True)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Inverse of `to_dict`; unknown keys are an error (a config from a newer golfjax)."""
+    values: dict[str, dict[str, Any]] = {}
+    for section, items in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}")
+        types = _field_types(_section_class(section))
+        unknown = set(items) - set(types)
+        if unknown:
+            raise ConfigError(f"unknown config keys in {section}: {sorted(unknown)}")
+        values[section] = dict(items)
+    return with_values(Config(), values)
+
+
+def describe(config: Config) -> str:
+    """One `section.field=value` per line, for the run log."""
+    lines = []
+    for section in SECTIONS:
+        sub = getattr(config, section)
+        for f in fields(sub):
+            lines.append(f"{section}.{f.name}={getattr(sub, f.name)!r}")
+    return "\n".join(lines)
+
+
+assert all(is_dataclass(getattr(Config(), s)) for s in SECTIONS)
