@@ -1,0 +1,340 @@
+"""The golfjax artifact container (``.golf``) and the challenge's size accounting.
+
+Layout, all integers little-endian::
+
+    magic           8 bytes   b"GOLFJAX\\0"
+    format version  uint32
+    header length   uint64
+    payload length  uint64
+    header sha256   32 bytes  (of the header JSON bytes)
+    header          UTF-8 JSON: versions, run config, scheme, codec, stats,
+                    payload sha256 and sizes, and the tensor table
+    payload         the stored arrays' raw little-endian bytes, concatenated in
+                    table order, compressed as one stream with the codec
+
+Loading never executes code: no pickle, arrays are rebuilt with np.frombuffer
+from a whitelist of numeric dtypes, and every checksum is verified before the
+header is parsed or the payload decompressed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+import golfjax
+from golfjax.export import codec as codecs
+from golfjax.export.quant import SCHEME_ARRAYS, QuantizedState, QuantizedTensor, quant_stats
+
+MAGIC = b"GOLFJAX\x00"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQQ32s")
+
+# Dtypes an array may be stored in, and dtypes a tensor may be restored to.
+STORED_DTYPES: frozenset[str] = frozenset(
+    ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64")
+)
+RESTORED_DTYPES: frozenset[str] = STORED_DTYPES | {"bfloat16"}
+
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
+
+# Package paths (relative to golfjax/) a scorer does not need; see code_files().
+NOT_COUNTED: tuple[str, ...] = (
+    "train/",
+    "optim/",
+    "checkpoint.py",
+    "profiling.py",
+    "data/prepare.py",
+)
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be written, read or accepted (with the reason)."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What write_artifact produced; ``total_bytes`` is the counted model size."""
+
+    path: Path
+    total_bytes: int
+    header_bytes: int
+    payload_bytes: int
+    raw_payload_bytes: int
+    codec: str
+    scheme: str
+    payload_sha256: str
+
+
+# ----------------------------------------------------------------------------
+# writing
+
+
+def _stored_bytes(name: str, role: str, array: np.ndarray) -> tuple[str, bytes]:
+    dtype = array.dtype.name
+    if dtype not in STORED_DTYPES:
+        raise ArtifactError(f"tensor {name!r} array {role!r} has dtype {dtype!r}; storable: {sorted(STORED_DTYPES)}")
+    little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+    return dtype, little.tobytes()
+
+
+def _check_scheme(name: str, qt: QuantizedTensor) -> None:
+    expected = SCHEME_ARRAYS.get(qt.scheme)
+    if expected is None:
+        raise ArtifactError(f"tensor {name!r} has unknown scheme {qt.scheme!r}")
+    if set(qt.arrays) != set(expected):
+        raise ArtifactError(f"tensor {name!r} ({qt.scheme}) has arrays {sorted(qt.arrays)}, expected {list(expected)}")
+    if qt.dtype not in RESTORED_DTYPES:
+        raise ArtifactError(f"tensor {name!r} restores to dtype {qt.dtype!r}; allowed: {sorted(RESTORED_DTYPES)}")
+
+
+def _pack_tensors(state_q: QuantizedState) -> tuple[list[dict[str, Any]], bytes]:
+    """Tensor table and the raw (uncompressed) payload."""
+    table: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for name, qt in state_q.tensors.items():
+        _check_scheme(name, qt)
+        arrays: dict[str, Any] = {}
+        for role in SCHEME_ARRAYS[qt.scheme]:
+            array = qt.arrays[role]
+            dtype, raw = _stored_bytes(name, role, array)
+            arrays[role] = {"dtype": dtype, "shape": list(array.shape), "offset": offset, "nbytes": len(raw)}
+            chunks.append(raw)
+            offset += len(raw)
+        table.append({"name": name, "scheme": qt.scheme, "dtype": qt.dtype, "shape": list(qt.shape), "arrays": arrays})
+    return table, b"".join(chunks)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    state_q: QuantizedState,
+    config: dict,
+    codec: str = "zlib",
+    scheme: str = "int8-zlib",
+) -> ArtifactInfo:
+    """Write ``state_q`` and the run config as one artifact, atomically."""
+    path = Path(path)
+    table, raw = _pack_tensors(state_q)
+    if codec not in codecs.CODECS:
+        raise ArtifactError(f"{path}: unknown codec {codec!r}; known codecs: {', '.join(codecs.CODECS)}")
+    payload = codecs.compress(raw, codec)
+    payload_sha = hashlib.sha256(payload).hexdigest()
+    header = {
+        "format_version": FORMAT_VERSION,
+        "golfjax_version": golfjax.__version__,
+        "scheme": scheme,
+        "quant_format": state_q.format,
+        "codec": codec,
+        "config": config,
+        "stats": quant_stats(state_q),
+        "payload": {"sha256": payload_sha, "compressed_bytes": len(payload), "raw_bytes": len(raw)},
+        "tensors": table,
+    }
+    try:
+        header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: header is not JSON-serialisable (check the config): {exc}") from exc
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), len(payload), hashlib.sha256(header_bytes).digest())
+    blob = prefix + header_bytes + payload
+    _atomic_write(path, blob)
+    return ArtifactInfo(path, len(blob), len(header_bytes), len(payload), len(raw), codec, scheme, payload_sha)
+
+
+# ----------------------------------------------------------------------------
+# reading
+
+
+def _verified_header_and_payload(path: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """Check magic, version, lengths and both checksums, then parse the header."""
+    if len(blob) < _PREFIX.size:
+        raise ArtifactError(f"{path}: truncated: {len(blob)} bytes, shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, header_len, payload_len, header_sha = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise ArtifactError(f"{path}: not a golfjax artifact (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported format version {version}; this golfjax reads version {FORMAT_VERSION}")
+    expected = _PREFIX.size + header_len + payload_len
+    if len(blob) < expected:
+        raise ArtifactError(f"{path}: truncated: {len(blob)} bytes, the prefix declares {expected}")
+    if len(blob) > expected:
+        raise ArtifactError(f"{path}: {len(blob) - expected} unexpected trailing bytes after the declared {expected}")
+    header_bytes = blob[_PREFIX.size : _PREFIX.size + header_len]
+    payload = blob[_PREFIX.size + header_len :]
+    if hashlib.sha256(header_bytes).digest() != header_sha:
+        raise ArtifactError(f"{path}: header checksum mismatch (sha256): the file is corrupted or was modified")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        declared_sha = header["payload"]["sha256"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: malformed header: {exc}") from exc
+    if header.get("format_version") != version:
+        raise ArtifactError(f"{path}: header format_version {header.get('format_version')!r} != prefix version {version}")
+    if hashlib.sha256(payload).hexdigest() != declared_sha:
+        raise ArtifactError(f"{path}: payload checksum mismatch (sha256): the file is corrupted or was modified")
+    return header, payload
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and d >= 0 for d in value):
+        raise ArtifactError(f"{where}: bad shape {value!r}")
+    return tuple(value)
+
+
+def _array(raw: bytes, spec: Any, where: str) -> np.ndarray:
+    """One stored array, from declared numeric dtype, shape and byte range only."""
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"{where}: bad array entry {spec!r}")
+    dtype_name = spec.get("dtype")
+    if dtype_name not in STORED_DTYPES:
+        raise ArtifactError(f"{where}: dtype {dtype_name!r} is not an allowed numeric dtype")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    shape = _shape(spec.get("shape"), where)
+    offset, nbytes = spec.get("offset"), spec.get("nbytes")
+    count = int(np.prod(shape, dtype=np.int64))
+    if not (isinstance(offset, int) and isinstance(nbytes, int)) or nbytes != count * dtype.itemsize:
+        raise ArtifactError(f"{where}: nbytes {nbytes!r} does not match dtype {dtype_name} and shape {list(shape)}")
+    if offset < 0 or offset + nbytes > len(raw):
+        raise ArtifactError(f"{where}: byte range [{offset}, {offset}+{nbytes}) outside the {len(raw)}-byte payload")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _tensor(raw: bytes, entry: Any, where: str) -> tuple[str, QuantizedTensor]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ArtifactError(f"{where}: bad tensor entry")
+    name = entry["name"]
+    where = f"{where} tensor {name!r}"
+    scheme, dtype, specs = entry.get("scheme"), entry.get("dtype"), entry.get("arrays")
+    if scheme not in SCHEME_ARRAYS or not isinstance(specs, dict) or set(specs) != set(SCHEME_ARRAYS[scheme]):
+        raise ArtifactError(f"{where}: unknown scheme {scheme!r} or wrong arrays")
+    if dtype not in RESTORED_DTYPES:
+        raise ArtifactError(f"{where}: dtype {dtype!r} is not an allowed numeric dtype")
+    arrays = {role: _array(raw, spec, f"{where} array {role!r}") for role, spec in specs.items()}
+    return name, QuantizedTensor(scheme, dtype, _shape(entry.get("shape"), where), arrays)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, QuantizedState, dict]:
+    """Read and verify an artifact: (run config, quantized state, header)."""
+    path = Path(path)
+    header, payload = _verified_header_and_payload(path, path.read_bytes())
+    codec, declared = header.get("codec"), header["payload"].get("raw_bytes")
+    try:
+        raw = codecs.decompress(payload, codec)
+    except codecs.CodecError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    if len(raw) != declared:
+        raise ArtifactError(f"{path}: payload decompressed to {len(raw)} bytes, header declares {declared!r}")
+    table = header.get("tensors")
+    if not isinstance(table, list):
+        raise ArtifactError(f"{path}: malformed header: no tensor table")
+    tensors = dict(_tensor(raw, entry, str(path)) for entry in table)
+    if len(tensors) != len(table):
+        raise ArtifactError(f"{path}: duplicate tensor names in the tensor table")
+    state_q = QuantizedState(tensors, header.get("quant_format", ""))
+    return header.get("config", {}), state_q, header
+
+
+# ----------------------------------------------------------------------------
+# size accounting
+
+
+def code_files() -> list[Path]:
+    """The golfjax source files counted as code bytes, sorted.
+
+    Rule: every ``.py`` file of the installed ``golfjax`` package, minus the
+    paths in :data:`NOT_COUNTED` (training loop, optimizers, training
+    checkpoints, profiling, data download/tokenizer training): a scorer loads
+    and scores an artifact without them. New modules count by default, so the
+    rule errs towards over-counting. Note the challenge itself counts the whole
+    ``train_gpt.py``, training code included; counting ``train/`` and
+    ``optim/`` too is a one-line change to NOT_COUNTED if the lead wants that.
+    """
+    package = Path(golfjax.__file__).resolve().parent
+    files = []
+    for path in package.rglob("*.py"):
+        relative = path.relative_to(package).as_posix()
+        if not any(relative == skip or relative.startswith(skip) for skip in NOT_COUNTED):
+            files.append(path)
+    return sorted(files)
+
+
+def code_bytes(files: Iterable[Path]) -> int:
+    """Code size as the challenge counts it: raw UTF-8 bytes of each file."""
+    return sum(len(Path(f).read_bytes()) for f in files)
+
+
+def _display(path: Path) -> str:
+    package_parent = Path(golfjax.__file__).resolve().parent.parent
+    try:
+        return Path(path).resolve().relative_to(package_parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def size_report(model_bytes: int, code_files: Iterable[Path], limit: int = ARTIFACT_LIMIT_BYTES) -> dict[str, Any]:
+    """Model + code bytes against the decimal limit, with the files counted."""
+    files = list(code_files)
+    code = code_bytes(files)
+    total = model_bytes + code
+    return {
+        "model_bytes": model_bytes,
+        "code_bytes": code,
+        "total_bytes": total,
+        "limit_bytes": limit,
+        "fits": total <= limit,
+        "headroom_bytes": limit - total,
+        "code_files": [_display(f) for f in files],
+    }
+
+
+def format_size_report(report: dict[str, Any], label: str = "") -> str:
+    """Log lines in the reference's wording (``label`` e.g. "int8+zlib")."""
+    tag = f" {label}" if label else ""
+    verdict = "fits" if report["fits"] else "OVER BUDGET"
+    return "\n".join(
+        (
+            f"Serialized model{tag}: {report['model_bytes']} bytes",
+            f"Code size: {report['code_bytes']} bytes ({len(report['code_files'])} files)",
+            f"Total submission size{tag}: {report['total_bytes']} bytes "
+            f"(limit {report['limit_bytes']}, {verdict}, headroom {report['headroom_bytes']})",
+        )
+    )
+
+
+def check_budget(report: dict[str, Any], state_q: QuantizedState, top: int = 5) -> None:
+    """Raise ArtifactError with the breakdown and the largest tensors when over the limit."""
+    if report["total_bytes"] <= report["limit_bytes"]:
+        return
+    sizes = sorted(
+        ((sum(int(a.nbytes) for a in qt.arrays.values()), name, qt) for name, qt in state_q.tensors.items()),
+        key=lambda item: -item[0],
+    )
+    largest = "\n".join(
+        f"  {name} {qt.scheme} {list(qt.shape)}: {nbytes} bytes stored (before compression)"
+        for nbytes, name, qt in sizes[:top]
+    )
+    raise ArtifactError(
+        f"artifact over budget by {report['total_bytes'] - report['limit_bytes']} bytes: "
+        f"model {report['model_bytes']} + code {report['code_bytes']} = {report['total_bytes']} "
+        f"> limit {report['limit_bytes']}\nlargest tensors:\n{largest}"
+    )
