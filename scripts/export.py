@@ -1,0 +1,53 @@
+"""Turn a golfjax checkpoint or a reference state into a scored-size artifact.
+
+    python scripts/export.py --checkpoint runs/ID/checkpoint --out model.golf
+    NUM_LAYERS=2 MODEL_DIM=64 ... python scripts/export.py --reference-state final_state.npz --out model.golf
+
+Prints the size report (model bytes, code bytes and the files counted, total
+against the 16,000,000-byte limit); an over-budget artifact is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from golfjax.cli import add_config_args, run_main, setup_devices
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a golfjax checkpoint directory")
+    source.add_argument("--reference-state", help="a reference state dict (.npz, or .pt with torch)")
+    parser.add_argument("--out", required=True, help="artifact file to write")
+    parser.add_argument("--scheme", default=None, help="export scheme (default: the config's export.scheme)")
+    add_config_args(parser)
+    args = parser.parse_args()
+    setup_devices(args.cpu_devices)
+
+    from golfjax import checkpoint, interop
+    from golfjax.config import apply_overrides, resolve
+    from golfjax.export.pipeline import export_params
+
+    if args.reference_state:
+        cfg, _ = resolve(args.config, args.overrides)
+        params = interop.from_reference_state(interop.load_reference_state(args.reference_state), cfg.model)
+    else:
+        cfg = apply_overrides(checkpoint.load_config(args.checkpoint), args.overrides)
+        params = checkpoint.load_params(args.checkpoint, cfg)
+    report = export_params(params, cfg, args.out, args.scheme)
+    for line in report.lines():
+        print(line)
+    print(json.dumps({"artifact": str(report.path), "scheme": report.scheme, "model_bytes": report.model_bytes,
+                      "code_bytes": report.code_bytes, "total_bytes": report.total_bytes,
+                      "limit_bytes": report.limit_bytes}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
