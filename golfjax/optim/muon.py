@@ -1,0 +1,168 @@
+"""Muon: momentum, then Newton-Schulz orthogonalisation, as the reference does it.
+
+The reference (`zeropower_via_newtonschulz5` and `Muon` in `train_gpt.py` of
+openai/parameter-golf) works on torch weights of shape (out, in). golfjax keeps
+Flax kernels (in, out), optionally stacked over layers as (L, in, out), so every
+matrix is transposed into the reference orientation before the iteration and
+back afterwards. The orientation matters bit-for-bit for square matrices
+(X X^T differs from X^T X in rounding), which is why we do not skip it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+Coefficients = tuple[tuple[float, float, float], ...]
+
+# Per-step (a, b, c) of X <- a X + (b A + c A A) X with A = X X^T. A table
+# shorter than the number of steps reuses its last row for the remaining steps.
+NS_COEFFICIENTS: dict[str, Coefficients] = {
+    "standard": ((3.4445, -4.7750, 2.0315),) * 5,
+}
+
+
+def _coefficient_table(coeffs: str | Sequence[Sequence[float]]) -> Coefficients:
+    if isinstance(coeffs, str):
+        if coeffs not in NS_COEFFICIENTS:
+            raise ValueError(f"unknown Newton-Schulz coefficients {coeffs!r}; known: {sorted(NS_COEFFICIENTS)}")
+        return NS_COEFFICIENTS[coeffs]
+    table = tuple(tuple(float(v) for v in row) for row in coeffs)
+    if not table or any(len(row) != 3 for row in table):
+        raise ValueError("a Newton-Schulz coefficient table needs one or more (a, b, c) rows")
+    return table  # type: ignore[return-value]
+
+
+def _rounder(dtype: jnp.dtype):
+    """Round a float32 result to the working dtype once, as one eager torch op does.
+
+    `reduce_precision` pins the rounding even if XLA later drops a
+    float32 -> bfloat16 -> float32 convert pair (allowed excess precision).
+    """
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return lambda x: x.astype(dtype)
+    return lambda x: lax.reduce_precision(x, info.nexp, info.nmant).astype(dtype)
+
+
+def newton_schulz(
+    G: jax.Array,
+    steps: int = 5,
+    coeffs: str | Sequence[Sequence[float]] = "standard",
+    eps: float = 1e-7,
+    dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """Approximately orthogonalise the trailing (rows, cols) matrices of `G`.
+
+    Reference orientation: `G[..., :, :]` is (out, in). Leading axes are a batch.
+    In bfloat16 mode this reproduces torch's eager bfloat16 arithmetic: every
+    elementwise op is computed in float32 with Python-float coefficients kept in
+    float32 (a bf16 multiply would round 3.4445 to 3.4375) and rounded to
+    bfloat16 once; matmuls take bfloat16 inputs and accumulate in float32.
+    Returns an array of `dtype`.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"Newton-Schulz needs a matrix, got shape {G.shape}")
+    table = _coefficient_table(coeffs)
+    f32 = jnp.float32
+    rnd = _rounder(jnp.dtype(dtype))
+
+    def up(x: jax.Array) -> jax.Array:
+        return x.astype(f32)
+
+    def mm(x: jax.Array, y: jax.Array) -> jax.Array:
+        return rnd(jnp.matmul(x, y, preferred_element_type=f32))
+
+    X = G.astype(dtype)
+    norm = rnd(jnp.sqrt(jnp.sum(jnp.square(up(X)), axis=(-2, -1), keepdims=True)))
+    X = rnd(up(X) / up(rnd(up(norm) + eps)))
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        X = jnp.swapaxes(X, -1, -2)
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
+        A = mm(X, jnp.swapaxes(X, -1, -2))
+        B = rnd(up(rnd(b * up(A))) + up(mm(rnd(c * up(A)), A)))
+        X = rnd(up(rnd(a * up(X))) + up(mm(B, X)))
+    return jnp.swapaxes(X, -1, -2) if transposed else X
+
+
+def muon_momentum(
+    count: jax.Array | int, momentum: float, warmup_start: float, warmup_steps: int
+) -> jax.Array:
+    """The reference's momentum warmup; `count` is the 0-based number of previous updates."""
+    if warmup_steps <= 0:
+        return jnp.asarray(momentum, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(count, jnp.float32) / warmup_steps, 1.0)
+    return (1.0 - frac) * warmup_start + frac * momentum
+
+
+def orthogonalized_direction(
+    update: jax.Array,
+    steps: int = 5,
+    coeffs: str | Sequence[Sequence[float]] = "standard",
+    eps: float = 1e-7,
+    dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """Muon's direction for a Flax kernel (..., in, out), leading axes = layers.
+
+    Each matrix is orthogonalised as the reference weight `kernel.T` (out, in)
+    and scaled by sqrt(max(1, out/in)). The scaled result is rounded to `dtype`
+    once, as the reference stores it in a bfloat16 buffer, then returned in the
+    update's dtype.
+    """
+    if update.ndim < 2:
+        raise ValueError(f"Muon needs (..., in, out) kernels, got shape {update.shape}")
+    fan_in, fan_out = update.shape[-2], update.shape[-1]
+    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype)
+    scale = math.sqrt(max(1.0, fan_out / fan_in))
+    scaled = _rounder(jnp.dtype(dtype))(ortho.astype(jnp.float32) * scale)
+    return jnp.swapaxes(scaled, -1, -2).astype(update.dtype)
+
+
+class ScaleByMuonState(NamedTuple):
+    count: jax.Array  # int32: updates done so far; drives the momentum warmup
+    momentum_buffer: optax.Updates
+
+
+def scale_by_muon(
+    momentum: float = 0.95,
+    warmup_start: float = 0.85,
+    warmup_steps: int = 500,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coeffs: str | Sequence[Sequence[float]] = "standard",
+    ns_dtype: jnp.dtype = jnp.bfloat16,
+    eps: float = 1e-7,
+) -> optax.GradientTransformation:
+    """The reference Muon direction (no learning rate: chain `optax.scale(-lr)`).
+
+    Per leaf: torch-style buffer `buf = m*buf + g` (no dampening, no bias
+    correction), Nesterov input `g + m*buf`, then `orthogonalized_direction`.
+    `m` follows the reference warmup from this transform's own step count, so
+    the momentum needs no host-side injection and is checkpointed with the state.
+    """
+    _coefficient_table(ns_coeffs)  # fail at build time, not at trace time
+
+    def init_fn(params: optax.Params) -> ScaleByMuonState:
+        return ScaleByMuonState(count=jnp.zeros([], jnp.int32), momentum_buffer=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state: ScaleByMuonState, params=None):
+        del params
+        m = muon_momentum(state.count, momentum, warmup_start, warmup_steps)
+        buf = jax.tree.map(lambda b, g: (m * b).astype(b.dtype) + g, state.momentum_buffer, updates)
+        if nesterov:
+            inputs = jax.tree.map(lambda g, b: g + (m * b).astype(b.dtype), updates, buf)
+        else:
+            inputs = buf
+        directions = jax.tree.map(
+            lambda g: orthogonalized_direction(g, ns_steps, ns_coeffs, eps, ns_dtype), inputs
+        )
+        return directions, ScaleByMuonState(count=optax.safe_increment(state.count), momentum_buffer=buf)
+
+    return optax.GradientTransformation(init_fn, update_fn)
