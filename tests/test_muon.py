@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +18,6 @@ from golfjax.optim.muon import (
     scale_by_muon,
 )
 
-GOLDEN = Path(os.environ.get("GOLFJAX_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-needs_golden = pytest.mark.skipif(not (GOLDEN / "newton_schulz.npz").is_file(), reason="golden data not found")
 ABC = (3.4445, -4.7750, 2.0315)
 
 
@@ -31,8 +27,8 @@ def rel_err(x, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def golden_ns():
-    with np.load(GOLDEN / "newton_schulz.npz") as d:
+def golden_ns(golden_dir):
+    with np.load(golden_dir / "newton_schulz.npz") as d:
         return {k: d[k] for k in d.files}
 
 
@@ -60,7 +56,6 @@ def ns_float64(G: np.ndarray, steps: int = 5, eps: float = 1e-7) -> np.ndarray:
     return X.T if transposed else X
 
 
-@needs_golden
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_newton_schulz_float32_matches_reference(golden_ns, i):
     out = newton_schulz(jnp.asarray(golden_ns[f"input_{i}"]), dtype=jnp.float32)
@@ -68,7 +63,6 @@ def test_newton_schulz_float32_matches_reference(golden_ns, i):
     assert rel_err(out, golden_ns[f"fp32_{i}"]) <= 1e-5
 
 
-@needs_golden
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_newton_schulz_bfloat16_matches_reference_eager(golden_ns, i):
     G = golden_ns[f"input_{i}"]
@@ -121,9 +115,8 @@ def test_coefficient_tables():
         scale_by_muon(ns_coeffs=[(1.0, 2.0)])
 
 
-@needs_golden
-def test_momentum_warmup_matches_reference_log():
-    steps = json.loads((GOLDEN / "golden.json").read_text())["steps"]
+def test_momentum_warmup_matches_reference_log(golden_dir):
+    steps = json.loads((golden_dir / "golden.json").read_text())["steps"]
     for s in steps:
         m = float(muon_momentum(s["step"] - 1, 0.95, 0.85, 500))
         assert m == pytest.approx(s["muon_momentum"], rel=2e-7)

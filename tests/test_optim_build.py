@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +21,6 @@ from golfjax.optim.build import (
 )
 from golfjax.optim.muon import scale_by_muon
 
-GOLDEN = Path(os.environ.get("GOLFJAX_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-needs_golden = pytest.mark.skipif(not (GOLDEN / "golden.json").is_file(), reason="golden data not found")
 GOLDEN_GROUPS = {"adam_tok_emb": "embed", "muon": "muon", "adam_scalar": "scalar", "adam_head": "head"}
 
 
@@ -71,9 +67,8 @@ def reference_split(params, tied: bool, num_layers: int) -> dict[str, set[str]]:
     return {g: {n for p in paths for n in reference_names(p, num_layers)} for g, paths in groups.items()}
 
 
-@needs_golden
-def test_labels_match_golden_optimizer_split():
-    golden = json.loads((GOLDEN / "golden.json").read_text())
+def test_labels_match_golden_optimizer_split(golden_dir):
+    golden = json.loads((golden_dir / "golden.json").read_text())
     split = golden["derived"]["optimizer_split"]
     expected = {GOLDEN_GROUPS[k]: set(v) for k, v in split.items() if v}
     assert reference_split(make_params(), tied=True, num_layers=2) == expected
@@ -194,9 +189,8 @@ def test_tied_embedding_uses_tied_lr():
     np.testing.assert_allclose(np.asarray(updates["skip_weights"]), -OptimConfig().scalar_lr, rtol=1e-6)
 
 
-@needs_golden
-def test_lr_multiplier_matches_golden_schedule():
-    golden = json.loads((GOLDEN / "golden.json").read_text())
+def test_lr_multiplier_matches_golden_schedule(golden_dir):
+    golden = json.loads((golden_dir / "golden.json").read_text())
     hp = golden["hyperparameters"]
     for s in golden["steps"]:
         mul = lr_multiplier(s["step"] - 1, 123.0, hp["iterations"], hp["warmdown_iters"], hp["max_wallclock_seconds"])
