@@ -126,5 +126,8 @@ def test_eval_on_8_devices_equals_1(golden_dir, val_setup):
     eight = evaluate(params, val_setup, devices=8)
     assert len(jax.devices()) == 8
     assert eight.tokens == one.tokens and eight.bytes == one.bytes
-    assert abs(eight.val_loss - one.val_loss) <= 1e-9
-    assert abs(eight.val_bpb - one.val_bpb) <= 1e-9
+    # Per-device batch shapes change XLA's float32 matmul blocking, so last bits may differ.
+    assert abs(eight.val_loss - one.val_loss) <= 1e-6
+    assert abs(eight.val_bpb - one.val_bpb) <= 1e-6
+    gj = golden_json(golden_dir, "trained")
+    assert abs(eight.val_loss - gj["val_loss"]) <= 1e-6

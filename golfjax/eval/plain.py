@@ -78,7 +78,7 @@ def evaluate_plain(
     nll_sum = 0.0
     n_bytes = 0
     starts = range(0, total_seqs, batch_seqs)
-    for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc="eval", unit="batch", disable=None if progress else True, leave=False):
         count = min(batch_seqs, total_seqs - start)
         chunk = np.asarray(val_tokens[start * seq_len : (start + count) * seq_len + 1], dtype=np.int32)
         x = chunk[:-1].reshape(count, seq_len)

@@ -1,0 +1,124 @@
+"""Benchmark the jitted train step (a benchmark, not a test).
+
+    python scripts/bench.py --config configs/baseline.py --set train.train_batch_tokens=8192 --steps 10
+
+Times the compiled step on synthetic tokens after compilation and prints, as
+its last line, one JSON object: tokens_per_s, step_ms (median), model_flops_per_s,
+fraction_of_peak (of the fp32 matmul peak measured in the same run), peak_rss_mb.
+Model FLOPs per token = 6 * (matmul params incl. the head) + 6 * layers * seq_len * dim
+(causal attention scores and values, forward + backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from golfjax.cli import add_config_args, run_main, setup_devices
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-N float32 jitted matmul throughput on this machine, in FLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops_per_token(cfg) -> float:
+    m = cfg.model
+    from golfjax.model.gpt import mlp_hidden
+
+    head_dim = m.model_dim // m.num_heads
+    kv = m.num_kv_heads * head_dim
+    per_layer = m.model_dim * (2 * m.model_dim + 2 * kv) + 2 * m.model_dim * mlp_hidden(m)
+    matmul_params = m.num_layers * per_layer + m.model_dim * m.vocab_size
+    return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.train.train_seq_len * m.model_dim
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, required=True)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
+    args = parser.parse_args()
+    setup_devices(args.cpu_devices)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from golfjax.config import resolve
+    from golfjax.data.loader import default_grad_accum_steps
+    from golfjax.model import gpt
+    from golfjax.optim.build import build_optimizer
+    from golfjax.parallel import make_mesh, num_ranks, put_replicated, put_sharded
+    from golfjax.train.step import init_state, make_train_step
+
+    cfg, _ = resolve(args.config, args.overrides)
+    t = cfg.train
+    mesh = make_mesh()
+    ranks = num_ranks(mesh)
+    accum = t.grad_accum_steps or default_grad_accum_steps(ranks)
+    seqs = ranks * (t.train_batch_tokens // (ranks * accum)) // t.train_seq_len
+    params = gpt.init_params(cfg.model, jax.random.PRNGKey(t.seed))
+    tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
+    state = put_replicated(init_state(cfg, params, tx), mesh)
+    step_fn, _ = make_train_step(cfg, mesh, tx)
+    rng = np.random.default_rng(0)
+    shape = (accum, seqs, t.train_seq_len)
+    x = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
+    y = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, x, y, jnp.float32(1.0)).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, x, y, jnp.float32(1.0))  # one untimed step (allocation warm-up)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, x, y, jnp.float32(1.0))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = accum * seqs * t.train_seq_len
+    flops = model_flops_per_token(cfg) * tokens / step_s
+    peak = matmul_peak_flops()
+    result = {
+        "tokens_per_s": round(tokens / step_s, 1),
+        "step_ms": round(1000 * step_s, 2),
+        "step_ms_min": round(1000 * min(times), 2),
+        "model_flops_per_s": round(flops, 1),
+        "fraction_of_peak": round(flops / peak, 4),
+        "matmul_peak_flops_per_s": round(peak, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "compile_s": round(compile_s, 2),
+        "tokens_per_step": tokens,
+        "steps": args.steps,
+        "devices": ranks,
+        "backend": jax.default_backend(),
+        "compute_dtype": jnp.dtype(gpt.resolve_compute_dtype(cfg.model.compute_dtype)).name,
+        "muon_ns_dtype": cfg.optim.muon_ns_dtype,
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
