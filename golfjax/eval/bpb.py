@@ -69,13 +69,21 @@ def _boundary_mask(sp: spm.SentencePieceProcessor, ids: np.ndarray) -> np.ndarra
     return (ids >= vocab) | per_id[np.minimum(ids, vocab - 1)]
 
 
-def _runs(ids: np.ndarray, boundary: np.ndarray) -> list[list[int]]:
+def _runs(ids: np.ndarray, boundary: np.ndarray) -> list[np.ndarray]:
     """Maximal runs of non-boundary ids, each decodable on its own."""
-    cuts = np.flatnonzero(boundary)
-    pieces = np.split(ids, cuts)
+    pieces = np.split(ids, np.flatnonzero(boundary))
     # Every piece after the first starts with the boundary id it was cut at.
     runs = [pieces[0]] + [p[1:] for p in pieces[1:]]
-    return [r.tolist() for r in runs if r.size]
+    return [r for r in runs if r.size]
+
+
+def _decoded_len(sp: spm.SentencePieceProcessor, runs: list[np.ndarray], batch: int = 1024) -> int:
+    """UTF-8 bytes of runs decoded separately, a batch at a time (a list of all ids would be GBs)."""
+    total = 0
+    for i in range(0, len(runs), batch):
+        texts = sp.decode([r.tolist() for r in runs[i : i + batch]])
+        total += sum(len(text.encode("utf-8")) for text in texts)
+    return total
 
 
 def decoded_utf8_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
@@ -99,8 +107,6 @@ def decoded_utf8_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> in
     total = 0
     if runs and not boundary[0] and not boundary[1]:
         head = int(ids[0])
-        first = runs.pop(0)
+        first = runs.pop(0).tolist()
         total += len(sp.decode([head] + first).encode("utf-8")) - len(sp.decode([head]).encode("utf-8"))
-    if runs:
-        total += sum(len(text.encode("utf-8")) for text in sp.decode(runs))
-    return total
+    return total + _decoded_len(sp, runs)
