@@ -62,9 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--variant", default="sp1024", help="byte260 or sp<VOCAB_SIZE> (default sp1024)")
     fw.add_argument("--train-shards", type=int, default=80, help="training shards to fetch (default 80)")
     fw.add_argument("--out", default="data", help="local root: writes datasets/, tokenizers/, manifest.json")
-    fw.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", prepare.HF_REPO_ID))
     fw.add_argument(
-        "--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", prepare.HF_REMOTE_ROOT)
+        "--repo-id",
+        default=os.environ.get("MATCHED_FINEWEB_REPO_ID", prepare.HF_REPO_ID),
+        help="Hugging Face dataset repo (env MATCHED_FINEWEB_REPO_ID; default %(default)s)",
+    )
+    fw.add_argument(
+        "--remote-root",
+        default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", prepare.HF_REMOTE_ROOT),
+        help="folder of the export inside the repo (env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX; default %(default)s)",
     )
     fw.add_argument("--manifest", default=None, help="use this local manifest.json instead of the repo's")
     fw.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl and its sidecar")

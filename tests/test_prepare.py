@@ -103,6 +103,7 @@ def test_each_document_is_bos_then_its_tokens(tmp_path, sp1024):
 def test_too_few_documents_for_validation(tmp_path, sp1024):
     with pytest.raises(PrepareError, match="only 2 documents.*num_val_docs=5"):
         prepare.tokenize_documents_to_shards(["a", "b"], sp1024, tmp_path, 5, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_read_documents(tmp_path):
@@ -118,13 +119,14 @@ def test_read_documents(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"text": "ok"}\n{"text": \n', r"docs\.jsonl:2: bad JSON line"),
-        ('["text"]\n', r"docs\.jsonl:1: expected a JSON object"),
+        (b'{"text": "ok"}\n{"text": \n', r"docs\.jsonl:2: bad JSON line"),
+        (b'["text"]\n', r"docs\.jsonl:1: expected a JSON object"),
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"docs\.jsonl:2: not valid UTF-8"),
     ],
 )
 def test_bad_jsonl_lines_are_named(tmp_path, content, message):
     path = tmp_path / "docs.jsonl"
-    path.write_text(content, encoding="utf-8")
+    path.write_bytes(content)
     with pytest.raises(PrepareError, match=message):
         list(prepare.read_documents([path]))
 
@@ -171,6 +173,8 @@ def test_train_tokenizer_refuses_unfit_results(tmp_path):
         prepare.train_tokenizer(no_spaces, 300, tmp_path / "nospace")
     with pytest.raises(TokenizerError, match="only supports .* pieces, not vocab_size=1024"):
         prepare.train_tokenizer(["abc abc def"] * 10, 1024, tmp_path / "tiny")
+    with pytest.raises(TokenizerError, match="none of the 3 training documents is at most max_sentence_length=4192"):
+        prepare.train_tokenizer(["word " * 1000] * 3, 300, tmp_path / "long")
     assert list(tmp_path.iterdir()) == []  # refused models are not left behind
 
 

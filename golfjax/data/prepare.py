@@ -103,14 +103,16 @@ def _split_text(text: str, txt_split: str) -> list[str]:
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, so a decoding error is pinned to its line
+        for lineno, raw in enumerate(f, start=1):
             try:
-                if not line.strip():
-                    continue
-                record = json.loads(line)
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: not valid UTF-8: {e}") from e
+                raise PrepareError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PrepareError(f"{path}:{lineno}: bad JSON line: {e}") from e
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -222,6 +224,8 @@ def tokenize_documents_to_shards(
             bar.update(len(batch))
     writer.flush()
     if docs_n["val"] < num_val_docs:
+        for name in writer.written:  # leave no half export behind
+            (out / name).unlink()
         raise PrepareError(
             f"only {docs_n['val']} documents were given, fewer than num_val_docs={num_val_docs}; "
             "the validation split would be short and there would be no training split"
@@ -281,10 +285,24 @@ def train_tokenizer(
     settings = dict(EXPORTER_TRAINER_SETTINGS, vocab_size=vocab_size, model_prefix=str(prefix))
     if max_sentence_length is not None:
         settings["max_sentence_length"] = max_sentence_length
+    limit = max_sentence_length or SP_DEFAULT_MAX_SENTENCE_LENGTH
+    seen = {"docs": 0, "too_long": 0}
+
+    def counted() -> Iterator[str]:
+        for text in training_text(docs, max_docs):
+            seen["docs"] += 1
+            seen["too_long"] += len(text.encode("utf-8")) > limit
+            yield text
+
     try:
         with contextlib.nullcontext(None) if verbose else open(os.devnull, "w") as log:
-            spm.SentencePieceTrainer.train(sentence_iterator=training_text(docs, max_docs), logstream=log, **settings)
+            spm.SentencePieceTrainer.train(sentence_iterator=counted(), logstream=log, **settings)
     except RuntimeError as e:
+        if seen["docs"] == seen["too_long"]:
+            raise TokenizerError(
+                f"none of the {seen['docs']} training documents is at most max_sentence_length={limit} bytes, "
+                "and SentencePiece skips longer ones; split the text into smaller documents or raise the limit"
+            ) from e
         raise TokenizerError(f"SentencePiece training failed for vocab_size={vocab_size}: {e}") from e
     try:
         sp = load_tokenizer(model_path)
