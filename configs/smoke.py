@@ -3,7 +3,7 @@
 With no data path it builds an offline corpus (Python standard-library
 docstrings) and a 512-piece tokenizer. To run it on real FineWeb text instead:
 
-    python scripts/prepare_data.py text --input ../shared/data/fineweb/fineweb_challenge_docs_200.jsonl \
+    python scripts/prepare_data.py text ../shared/data/fineweb/fineweb_challenge_docs_200.jsonl \
         --tokenizer ../shared/data/tokenizers/fineweb_1024_bpe.model --num-val-docs 20 --out data/fineweb200
     python scripts/train.py --config configs/smoke.py --set data.data_path=data/fineweb200 \
         --set data.tokenizer_path=../shared/data/tokenizers/fineweb_1024_bpe.model --set model.vocab_size=1024

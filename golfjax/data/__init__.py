@@ -1,0 +1,1 @@
+"""golfjax.data"""
