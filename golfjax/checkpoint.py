@@ -24,12 +24,32 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing or incomplete."""
 
 
+def _without_empty(tree: dict) -> dict:
+    """Drop zero-size leaves (e.g. skip_weights of a 1-layer model): orbax cannot store them."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _without_empty(value)
+        elif int(np.prod(value.shape)) > 0:
+            out[key] = value
+    return out
+
+
+def _with_empty(restored: dict, template: dict) -> dict:
+    """Put the zero-size leaves of `template` back into `restored`."""
+    return {
+        key: _with_empty(restored.get(key, {}), value) if isinstance(value, dict)
+        else restored[key] if key in restored else np.zeros(value.shape, value.dtype)
+        for key, value in template.items()
+    }
+
+
 def save_params(directory: str | Path, params, cfg: Config) -> Path:
     """Write params and config; the orbax write is atomic (temp dir, then rename)."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", jax.device_get(params), force=True)
+    checkpointer.save(directory / "params", _without_empty(jax.device_get(params)), force=True)
     checkpointer.wait_until_finished()
     (directory / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
     return directory
@@ -50,5 +70,5 @@ def load_params(directory: str | Path, cfg: Config | None = None):
         raise CheckpointError(f"{directory}: not a golfjax checkpoint (no params/)")
     template = jax.eval_shape(lambda: gpt.init_params(cfg.model, jax.random.PRNGKey(0)))
     abstract = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    restored = ocp.StandardCheckpointer().restore(directory / "params", abstract)
-    return jax.tree.map(np.asarray, restored)
+    restored = ocp.StandardCheckpointer().restore(directory / "params", _without_empty(abstract))
+    return jax.tree.map(np.asarray, _with_empty(restored, abstract))
