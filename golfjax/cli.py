@@ -35,7 +35,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError) as exc:
+    # OSError: any file-system refusal (missing file, a directory given for a
+    # file, no permission, disk full); its message names the path.
+    except (ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("GOLFJAX_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
