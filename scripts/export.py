@@ -36,7 +36,11 @@ def main() -> int:
 
     if args.reference_state:
         cfg, _ = resolve(args.config, args.overrides)
-        params = interop.from_reference_state(interop.load_reference_state(args.reference_state), cfg.model)
+        state = interop.load_reference_state(args.reference_state)
+        try:
+            params = interop.from_reference_state(state, cfg.model)
+        except interop.InteropError as exc:  # name the file: the message alone names only the model
+            raise interop.InteropError(f"{args.reference_state}: {exc}") from None
     else:
         cfg = apply_overrides(checkpoint.load_config(args.checkpoint), args.overrides)
         params = checkpoint.load_params(args.checkpoint, cfg)

@@ -23,9 +23,10 @@ def main() -> int:
     setup_devices(args.cpu_devices)
 
     from golfjax.config import resolve
+
+    cfg, env_used = resolve(args.config, args.overrides)  # before importing jax: config mistakes fail fast
     from golfjax.train.loop import run
 
-    cfg, env_used = resolve(args.config, args.overrides)
     if env_used:
         print("environment overrides: " + " ".join(f"{k}={v}" for k, v in sorted(env_used.items())))
     run(cfg)
