@@ -33,7 +33,7 @@ class ModelConfig:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 2
+    mlp_mult: float = 2.0
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
     rope_base: float = 10000.0

@@ -120,6 +120,8 @@ def load_reference_state(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InteropError(f"reference state not found: {path}")
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise InteropError(f"{path}: not a readable .npz state dict (not a zip archive)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}

@@ -232,6 +232,8 @@ def _tensor(raw: bytes, entry: Any, where: str) -> tuple[str, QuantizedTensor]:
 def read_artifact(path: str | os.PathLike) -> tuple[dict, QuantizedState, dict]:
     """Read and verify an artifact: (run config, quantized state, header)."""
     path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     header, payload = _verified_header_and_payload(path, path.read_bytes())
     codec, declared = header.get("codec"), header["payload"].get("raw_bytes")
     try:
