@@ -41,12 +41,11 @@ def put_replicated(tree, mesh: Mesh):
 
 
 def put_sharded(array: np.ndarray, mesh: Mesh, axis: int) -> jax.Array:
-    """Place a host array with dimension `axis` split over the mesh.
+    """Place a global host array with dimension `axis` split over the mesh.
 
-    Within one process this is `device_put`; with several processes each would
-    contribute its local slice (`jax.make_array_from_process_local_data`).
+    Every process holds the whole global batch (as every rank of the reference
+    reads the whole chunk and slices its span); each device receives its slice,
+    so the same call works with one process or several.
     """
     sharding = sharded_along(mesh, axis, array.ndim)
-    if jax.process_count() > 1:
-        return jax.make_array_from_process_local_data(sharding, array)
-    return jax.device_put(array, sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
