@@ -21,6 +21,35 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> 
                         help="on CPU, split the host into N virtual devices (test data parallelism)")
 
 
+def add_model_source_args(parser: argparse.ArgumentParser, artifact: bool = True) -> None:
+    """Where the weights come from: exactly one of artifact, checkpoint or reference state."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    if artifact:
+        source.add_argument("--artifact", help="a golfjax artifact (.golf); carries its own config")
+    source.add_argument("--checkpoint", help="a golfjax checkpoint directory; carries its own config")
+    source.add_argument("--reference-state",
+                        help="a reference state dict (.npz, or .pt with torch); architecture from "
+                             "--config, the reference environment variables and --set")
+
+
+def load_model_source(args: argparse.Namespace):
+    """(config, params) from the source chosen by `add_model_source_args`."""
+    from golfjax import checkpoint, interop
+    from golfjax.config import apply_overrides, resolve
+
+    if args.reference_state:
+        cfg, _ = resolve(args.config, args.overrides)
+        return cfg, interop.load_reference_params(args.reference_state, cfg.model)
+    if getattr(args, "artifact", None):
+        from golfjax.export.pipeline import load_artifact_params
+
+        cfg, params = load_artifact_params(args.artifact)
+    else:
+        cfg = checkpoint.load_config(args.checkpoint)
+        params = checkpoint.load_params(args.checkpoint, cfg)
+    return apply_overrides(cfg, args.overrides), params
+
+
 def setup_devices(cpu_devices: int) -> None:
     """Must run before jax initialises its backend."""
     if cpu_devices > 0:

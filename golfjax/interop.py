@@ -135,3 +135,12 @@ def load_reference_state(path: str | Path) -> dict[str, np.ndarray]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         return {k: v.detach().float().numpy() for k, v in obj.items()}
     raise InteropError(f"{path}: unknown reference state format (expected .npz or .pt)")
+
+
+def load_reference_params(path: str | Path, cfg: ModelConfig) -> dict:
+    """Read a reference state file into params for `cfg`; errors name the file."""
+    state = load_reference_state(path)
+    try:
+        return from_reference_state(state, cfg)
+    except InteropError as exc:
+        raise InteropError(f"{path}: {exc}") from None

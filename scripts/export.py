@@ -16,34 +16,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from golfjax.cli import add_config_args, run_main, setup_devices
+from golfjax.cli import add_config_args, add_model_source_args, load_model_source, run_main, setup_devices
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a golfjax checkpoint directory")
-    source.add_argument("--reference-state", help="a reference state dict (.npz, or .pt with torch)")
+    add_model_source_args(parser, artifact=False)
     parser.add_argument("--out", required=True, help="artifact file to write")
     parser.add_argument("--scheme", default=None, help="export scheme (default: the config's export.scheme)")
     add_config_args(parser)
     args = parser.parse_args()
     setup_devices(args.cpu_devices)
 
-    from golfjax import checkpoint, interop
-    from golfjax.config import apply_overrides, resolve
     from golfjax.export.pipeline import export_params
 
-    if args.reference_state:
-        cfg, _ = resolve(args.config, args.overrides)
-        state = interop.load_reference_state(args.reference_state)
-        try:
-            params = interop.from_reference_state(state, cfg.model)
-        except interop.InteropError as exc:  # name the file: the message alone names only the model
-            raise interop.InteropError(f"{args.reference_state}: {exc}") from None
-    else:
-        cfg = apply_overrides(checkpoint.load_config(args.checkpoint), args.overrides)
-        params = checkpoint.load_params(args.checkpoint, cfg)
+    cfg, params = load_model_source(args)
     report = export_params(params, cfg, args.out, args.scheme)
     for line in report.lines():
         print(line)

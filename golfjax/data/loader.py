@@ -26,7 +26,10 @@ class LoaderError(ValueError):
 def default_grad_accum_steps(ranks: int) -> int:
     """The reference's rule: 8 micro-batches per step in total, split over the ranks."""
     if ranks <= 0 or 8 % ranks:
-        raise LoaderError(f"ranks={ranks} must be a positive divisor of 8 so grad_accum_steps = 8 // ranks is integral")
+        raise LoaderError(
+            f"{ranks} devices do not divide 8, so the reference rule grad_accum_steps = 8 // devices "
+            "does not apply: set train.grad_accum_steps (GRAD_ACCUM_STEPS) explicitly"
+        )
     return 8 // ranks
 
 
@@ -113,6 +116,11 @@ class TokenLoader:
         self.grad_accum_steps = grad_accum_steps
         self.local_tokens = local_tokens
         self.stream = TokenStream(files)
+
+    @property
+    def batch_shape(self) -> tuple[int, int, int]:
+        """(grad_accum_steps, sequences over all ranks, seq_len) of every batch."""
+        return (self.grad_accum_steps, self.ranks * self.local_tokens // self.seq_len, self.seq_len)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """One step's inputs and targets (int32), micro-batch by micro-batch in stream order."""

@@ -18,7 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from golfjax.config import ModelConfig
+from golfjax.config import Config, ModelConfig
+from golfjax.data.loader import default_grad_accum_steps
 from golfjax.data.tokenizer import ByteTables
 from golfjax.eval import bpb
 from golfjax.model import gpt
@@ -92,3 +93,13 @@ def evaluate_plain(
     n_tokens = total_seqs * seq_len
     val_loss, val_bpb = bpb.loss_and_bpb(nll_sum, n_tokens, n_bytes)
     return EvalResult(val_loss, val_bpb, n_tokens, n_bytes)
+
+
+def evaluate_config(params, cfg: Config, val_tokens: np.ndarray, tables: ByteTables, mesh: Mesh,
+                    token_nll: Callable | None = None, progress: bool = True) -> EvalResult:
+    """`evaluate_plain` with the batch size and seq_len a run config implies."""
+    ranks = num_ranks(mesh)
+    grad_accum = cfg.train.grad_accum_steps or default_grad_accum_steps(ranks)
+    seqs = eval_batch_seqs(cfg.eval.val_batch_size, cfg.train.train_seq_len, ranks, grad_accum)
+    return evaluate_plain(params, cfg.model, val_tokens, tables, mesh, cfg.train.train_seq_len, seqs,
+                          token_nll=token_nll, progress=progress)

@@ -20,20 +20,10 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from golfjax.model.naming import is_control_tensor
+
 INT8_FORMAT = "int8_clean_per_row_v1"
 
-# Names containing one of these are control tensors: kept in float32 when small.
-CONTROL_TENSOR_PATTERNS: tuple[str, ...] = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
 KEEP_FLOAT_MAX_NUMEL = 65_536
 INT8_CLIP_Q = 99.99984 / 100.0
 
@@ -120,10 +110,6 @@ def quantize_int8_per_tensor(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.asarray(scale, dtype=np.float32)
 
 
-def _is_control(name: str) -> bool:
-    return any(pattern in name for pattern in CONTROL_TENSOR_PATTERNS)
-
-
 def quantize_tensor_int8(name: str, t: np.ndarray) -> QuantizedTensor:
     """The reference's routing of one tensor to a scheme."""
     dtype, shape = t.dtype.name, tuple(t.shape)
@@ -134,7 +120,7 @@ def quantize_tensor_int8(name: str, t: np.ndarray) -> QuantizedTensor:
     if not is_float_dtype(t.dtype):
         return make("passthrough", data=t.copy())
     if t.size <= KEEP_FLOAT_MAX_NUMEL:
-        if _is_control(name):
+        if is_control_tensor(name):
             return make("passthrough_fp32", data=t.astype(np.float32))
         if dtype in ("float32", "bfloat16"):
             return make("passthrough_fp16", data=t.astype(np.float16))

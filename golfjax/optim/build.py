@@ -16,21 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from golfjax.config import OptimConfig
+from golfjax.model.naming import is_control_tensor
 from golfjax.optim.muon import scale_by_muon
 
-# The reference's CONTROL_TENSOR_NAME_PATTERNS: matched as substrings of a
-# parameter's name, they keep a per-layer matrix (resid_mix) out of Muon.
-CONTROL_TENSOR_NAME_PATTERNS: tuple[str, ...] = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
 
 GROUPS: tuple[str, ...] = ("muon", "scalar", "embed", "head")
 
@@ -45,7 +33,7 @@ def _label(name: str, ndim: int) -> str:
     top = name.split(".", 1)[0]
     if top == "blocks":
         per_layer_ndim = ndim - 1  # leading axis = layers
-        is_control = any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
+        is_control = is_control_tensor(name)
         if per_layer_ndim == 2 and not is_control:
             return "muon"
         if per_layer_ndim < 2 or is_control:

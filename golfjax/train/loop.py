@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from golfjax import checkpoint
 from golfjax.config import Config, describe
 from golfjax.data.loader import TokenLoader, default_grad_accum_steps
-from golfjax.eval.plain import EvalResult, eval_batch_seqs, evaluate_plain, make_token_nll
+from golfjax.eval.plain import EvalResult, evaluate_config, make_token_nll
 from golfjax.export.pipeline import export_params, load_artifact_params
 from golfjax.model import gpt
 from golfjax.optim.build import build_optimizer, lr_multiplier, param_labels
@@ -77,12 +77,6 @@ class RunResult:
     artifact_total_bytes: int
 
 
-def _eval(params, cfg: Config, data: RunData, mesh, token_nll, grad_accum: int) -> EvalResult:
-    seqs = eval_batch_seqs(cfg.eval.val_batch_size, cfg.train.train_seq_len, num_ranks(mesh), grad_accum)
-    return evaluate_plain(params, cfg.model, data.val_tokens, data.tables, mesh,
-                          cfg.train.train_seq_len, seqs, token_nll=token_nll)
-
-
 def run(cfg: Config, console: TextIO = sys.stdout) -> RunResult:
     """Train `cfg` end to end; returns the final and round-trip evaluations."""
     t_cfg = cfg.train
@@ -98,7 +92,7 @@ def run(cfg: Config, console: TextIO = sys.stdout) -> RunResult:
 def _run(cfg: Config, run_dir: Path, log: RunLog) -> RunResult:
     t_cfg = cfg.train
     log.line(f"run_dir:{run_dir}")
-    data = prepare_run_data(cfg, run_dir, log.line)
+    data = prepare_run_data(cfg, log.line)
     cfg = data.config  # data setup may fill in paths (smoke corpus)
     log.line("resolved config:\n" + describe(cfg), console=False)
 
@@ -124,8 +118,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog) -> RunResult:
 
     # Compile before the clock starts, so that training begins from the true init.
     t_compile = time.perf_counter()
-    seqs = ranks * (t_cfg.train_batch_tokens // (ranks * grad_accum)) // t_cfg.train_seq_len
-    batch = jax.ShapeDtypeStruct((grad_accum, seqs, t_cfg.train_seq_len), jnp.int32)
+    batch = jax.ShapeDtypeStruct(loader.batch_shape, jnp.int32)
     compiled = step_fn.lower(state, batch, batch, jnp.float32(1.0)).compile()
     log.line(f"compile_time:{time.perf_counter() - t_compile:.1f}s")
 
@@ -140,7 +133,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog) -> RunResult:
         last = step == t_cfg.iterations or (stop_after is not None and step >= stop_after)
         if last or (t_cfg.val_loss_every > 0 and step % t_cfg.val_loss_every == 0):
             train_ms += 1000.0 * (time.perf_counter() - t0)
-            res = _eval(state.params, cfg, data, mesh, token_nll, grad_accum)
+            res = evaluate_config(state.params, cfg, data.val_tokens, data.tables, mesh, token_nll)
             log.line(f"step:{step}/{t_cfg.iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                      f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             log.metrics({"event": "val", "step": step, "train_time_ms": train_ms, **res.as_dict()})
@@ -180,7 +173,7 @@ def _run(cfg: Config, run_dir: Path, log: RunLog) -> RunResult:
         log.line(text)
     _, q_params = load_artifact_params(report.path)
     t_q = time.perf_counter()
-    roundtrip = _eval(put_replicated(q_params, mesh), cfg, data, mesh, token_nll, grad_accum)
+    roundtrip = evaluate_config(put_replicated(q_params, mesh), cfg, data.val_tokens, data.tables, mesh, token_nll)
     log.line(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
              f"eval_time:{1000.0 * (time.perf_counter() - t_q):.0f}ms")
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")

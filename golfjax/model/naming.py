@@ -1,0 +1,24 @@
+"""Names with meaning across modules: which parameters are control tensors.
+
+The reference's CONTROL_TENSOR_NAME_PATTERNS, matched as substrings of a
+reference parameter name: such tensors go to the scalar Adam group even when
+they are matrices (resid_mix), and the int8 exporter keeps them in float32.
+"""
+
+from __future__ import annotations
+
+CONTROL_TENSOR_PATTERNS: tuple[str, ...] = (
+    "attn_scale",
+    "attn_scales",
+    "mlp_scale",
+    "mlp_scales",
+    "resid_mix",
+    "resid_mixes",
+    "q_gain",
+    "skip_weight",
+    "skip_weights",
+)
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_TENSOR_PATTERNS)
