@@ -27,8 +27,8 @@ def default_grad_accum_steps(ranks: int) -> int:
     """The reference's rule: 8 micro-batches per step in total, split over the ranks."""
     if ranks <= 0 or 8 % ranks:
         raise LoaderError(
-            f"{ranks} devices do not divide 8, so the reference rule grad_accum_steps = 8 // devices "
-            "does not apply: set train.grad_accum_steps (GRAD_ACCUM_STEPS) explicitly"
+            f"{ranks} devices: the count must be positive and divide 8 for the reference rule grad_accum_steps = 8 // devices; "
+            "otherwise set train.grad_accum_steps (GRAD_ACCUM_STEPS) explicitly"
         )
     return 8 // ranks
 
