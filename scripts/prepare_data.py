@@ -3,6 +3,7 @@
   python scripts/prepare_data.py text docs.jsonl --tokenizer tok.model --out data/mine --num-val-docs 20
   python scripts/prepare_data.py tokenizer docs.jsonl --vocab-size 1024 --out-prefix data/tokenizers/mine_1024_bpe
   python scripts/prepare_data.py fineweb --variant sp1024 --train-shards 10 --out data
+  python scripts/prepare_data.py cpu-track --shared ../shared/data --out data/cpu_track
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--manifest", default=None, help="use this local manifest.json instead of the repo's")
     fw.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl and its sidecar")
     fw.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cpu = sub.add_parser(
+        "cpu-track",
+        help="build the CPU golf track (docs/CPU_TRACK.md) from the shared data; refuses other inputs",
+    )
+    cpu.add_argument(
+        "--shared",
+        default=os.environ.get("GOLFJAX_SHARED", "../shared"),
+        help="the shared data folder holding tokenizers/, fineweb/, text/ (or its parent); "
+        "default $GOLFJAX_SHARED or ../shared",
+    )
+    cpu.add_argument("--out", default="data/cpu_track", help="output directory (default %(default)s)")
+    cpu.add_argument("--threads", type=int, default=None, help="SentencePiece encoding threads (default: all cores)")
+    cpu.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -133,9 +148,21 @@ def run_fineweb(args: argparse.Namespace) -> None:
     )
 
 
+def run_cpu_track(args: argparse.Namespace) -> None:
+    summary = prepare.build_cpu_track(args.shared, args.out, num_threads=args.threads, progress=not args.quiet)
+    print(
+        f"built the CPU track in {summary['out_dir']}: "
+        f"val {summary['docs_val']} docs / {summary['tokens_val']:,} tokens, "
+        f"train {summary['docs_train']} docs / {summary['tokens_train']:,} tokens"
+    )
+    for name, sha in summary["sha256"].items():
+        print(f"  {name} sha256 {sha} (matches the track)")
+    print(f"  tokenizer {summary['tokenizer_path']}; manifest {summary['manifest']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"text": run_text, "tokenizer": run_tokenizer, "fineweb": run_fineweb}
+    commands = {"text": run_text, "tokenizer": run_tokenizer, "fineweb": run_fineweb, "cpu-track": run_cpu_track}
     try:
         commands[args.command](args)
     except (prepare.PrepareError, TokenizerError, ShardError, OSError) as e:

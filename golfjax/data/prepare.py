@@ -444,3 +444,203 @@ def download_fineweb(
         "downloaded": fetched,
         "already_present": len(remote_files) - fetched,
     }
+
+
+# ---------------------------------------------------------------- the CPU golf track
+
+# Inputs, relative to the shared data folder (`../shared/data` or any copy of it),
+# with the sha256 of the published files (each folder's PROVENANCE.md).
+CPU_TRACK_TOKENIZER = "tokenizers/fineweb_1024_bpe.model"
+CPU_TRACK_FINEWEB = "fineweb/fineweb_challenge_docs_200.jsonl"
+CPU_TRACK_PYTHON_DOCS = "text/python311_docs.jsonl"
+CPU_TRACK_TEXTS = ("text/kjv_bible.txt", "text/tinyshakespeare.txt")
+CPU_TRACK_INPUTS: dict[str, str] = {
+    CPU_TRACK_TOKENIZER: "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a",
+    CPU_TRACK_FINEWEB: "d20c996a4eed293d9ae4fff9c0aec8c1b49a3190895f2a146a5f70695a750f22",
+    CPU_TRACK_PYTHON_DOCS: "8ba4b8332adb3028d2e08ca710261655ab650f7173ea2ef0380486c6e3f13546",
+    "text/kjv_bible.txt": "d2e6b22b666f44e680621c54cb5ad7f3918c431134c7fad9a5e159bec64264d5",
+    "text/tinyshakespeare.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+}
+CPU_TRACK_VAL_DOCS = range(150, 200)  # 0-based, file order, of the 200 FineWeb documents
+CPU_TRACK_CHUNK_BYTES = 4096
+CPU_TRACK_SHUFFLE_SEED = 0
+# What the track is: every result on it is comparable because these are fixed.
+CPU_TRACK_SHARDS: dict[str, dict[str, Any]] = {
+    "fineweb_val_000000.bin": {
+        "sha256": "eeee2f1090a7e7f1dd82d7777be18b029d8f98d03e09790f7ce1940162320185",
+        "tokens": 113_483,
+    },
+    "fineweb_train_000000.bin": {
+        "sha256": "adf236b9d8e5dda39ad97ac2a9b5f57e22df53d867aa947da2ea269441c14baa",
+        "tokens": 7_923_495,
+    },
+}
+CPU_TRACK_MANIFEST = "cpu_track.json"
+CPU_TRACK_TOKENIZER_NAME = "fineweb_1024_bpe.model"  # the tokenizer is copied beside the shards
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Paragraphs of `text` split at blank lines (regex `\\n\\s*\\n`), whitespace-only ones dropped.
+
+    Paragraphs are kept as they are (not stripped).
+    """
+    return [p for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+
+
+def chunk_paragraphs(paragraphs: Iterable[str], max_bytes: int = CPU_TRACK_CHUNK_BYTES) -> list[str]:
+    """Group paragraphs greedily, in order, into chunks joined by "\\n\\n" of at most `max_bytes` UTF-8 bytes.
+
+    A paragraph joins the current chunk unless the joined chunk would pass
+    `max_bytes`; then it starts a new chunk. A paragraph longer than
+    `max_bytes` on its own is a chunk of its own (never cut).
+    """
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for p in paragraphs:
+        n = len(p.encode("utf-8"))
+        if current and size + 2 + n <= max_bytes:
+            current.append(p)
+            size += 2 + n
+            continue
+        if current:
+            chunks.append("\n\n".join(current))
+        current, size = [p], n
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def resolve_shared_data_dir(shared: str | Path) -> Path:
+    """The folder holding tokenizers/, fineweb/ and text/: `shared` itself or `shared/data`."""
+    root = Path(shared)
+    for candidate in (root, root / "data"):
+        if (candidate / CPU_TRACK_FINEWEB).is_file():
+            return candidate
+    raise PrepareError(
+        f"{root} does not hold the shared data: expected {CPU_TRACK_FINEWEB} in it or in {root / 'data'}"
+    )
+
+
+def cpu_track_documents(data_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(validation documents, shuffled training documents) of the CPU track, by its spec.
+
+    Validation: FineWeb documents 150-199 (file order). Training: the other 150
+    FineWeb documents in file order, then every document of the Python docs,
+    then the KJV Bible and then tiny Shakespeare, each split into paragraphs
+    and grouped into chunks of at most 4,096 bytes; then the whole list
+    permuted by `numpy.random.RandomState(0).permutation`.
+    """
+    d = Path(data_dir)
+    for relative in CPU_TRACK_INPUTS:
+        if not (d / relative).is_file():
+            raise PrepareError(f"CPU track input not found: {d / relative}")
+    fineweb = list(_jsonl_documents(d / CPU_TRACK_FINEWEB))
+    if len(fineweb) != 200:
+        raise PrepareError(f"{d / CPU_TRACK_FINEWEB} holds {len(fineweb)} documents; the CPU track needs 200")
+    val = [fineweb[i] for i in CPU_TRACK_VAL_DOCS]
+    train = [doc for i, doc in enumerate(fineweb) if i not in CPU_TRACK_VAL_DOCS]
+    train += list(_jsonl_documents(d / CPU_TRACK_PYTHON_DOCS))
+    for relative in CPU_TRACK_TEXTS:
+        train += chunk_paragraphs(split_paragraphs(_read_text(d / relative)))
+    order = np.random.RandomState(CPU_TRACK_SHUFFLE_SEED).permutation(len(train))
+    return val, [train[i] for i in order]
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _differing_inputs(data_dir: Path) -> list[str]:
+    out = []
+    for relative, expected in CPU_TRACK_INPUTS.items():
+        path = data_dir / relative
+        actual = _sha256_file(path) if path.is_file() else "missing"
+        if actual != expected:
+            out.append(f"{relative} (sha256 {actual[:16]}..., published {expected[:16]}...)")
+    return out
+
+
+def verify_cpu_track(out_dir: str | Path, expected: Mapping[str, Mapping[str, Any]] = CPU_TRACK_SHARDS) -> dict[str, str]:
+    """Check the track's shards in `out_dir` against the fixed sha256s; returns {name: sha256}.
+
+    Raises PrepareError naming every shard that is missing, extra or different.
+    """
+    out = Path(out_dir)
+    found = sorted(p.name for pattern in SHARD_PATTERNS for p in out.glob(pattern))
+    problems = [f"unexpected shard {name}" for name in found if name not in expected]
+    hashes: dict[str, str] = {}
+    for name, spec in expected.items():
+        path = out / name
+        if not path.is_file():
+            problems.append(f"missing shard {name}")
+            continue
+        hashes[name] = _sha256_file(path)
+        if hashes[name] != spec["sha256"]:
+            problems.append(f"{name} has sha256 {hashes[name]}, the track's is {spec['sha256']}")
+    if problems:
+        raise PrepareError(f"{out} is not the CPU track: " + "; ".join(problems))
+    return hashes
+
+
+def build_cpu_track(
+    shared_data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    expected: Mapping[str, Mapping[str, Any]] = CPU_TRACK_SHARDS,
+    num_threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the CPU golf track's shards from the shared data and check them.
+
+    Writes fineweb_val_000000.bin, fineweb_train_000000.bin, a copy of the
+    tokenizer and `cpu_track.json` (hashes, counts, sources) into `out_dir`.
+    When a shard's sha256 differs from the track's, everything written is
+    removed and PrepareError says which shards and which inputs differ: results
+    are only comparable on the exact track.
+    """
+    data_dir = resolve_shared_data_dir(shared_data_dir)
+    out = Path(out_dir)
+    val, train = cpu_track_documents(data_dir)
+    sp = load_tokenizer(data_dir / CPU_TRACK_TOKENIZER, 1024)
+    manifest_path = out / CPU_TRACK_MANIFEST
+    tokenizer_copy = out / CPU_TRACK_TOKENIZER_NAME
+    manifest_path.unlink(missing_ok=True)  # a failed rebuild must not leave an old "valid" marker
+    summary = tokenize_documents_to_shards(
+        [*val, *train], sp, out, num_val_docs=len(val), shard_size=SHARD_SIZE,
+        batch_size=len(val) + len(train), num_threads=num_threads, progress=progress,
+    )
+    try:
+        hashes = verify_cpu_track(out, expected)
+    except PrepareError as e:
+        for name in summary["shards"]:
+            (out / name).unlink(missing_ok=True)
+        differing = _differing_inputs(data_dir)
+        why = (
+            "inputs that differ from the published files: " + ", ".join(differing)
+            if differing
+            else "all inputs match the published files, so the build itself differs (tokenizer library version?)"
+        )
+        raise PrepareError(f"refusing to build the CPU track (shards removed): {e}. {why}") from None
+    shutil.copyfile(data_dir / CPU_TRACK_TOKENIZER, tokenizer_copy)
+    manifest = {
+        "track": "golfjax CPU golf track v1",
+        "source_dir": str(data_dir),
+        "inputs": dict(CPU_TRACK_INPUTS),
+        "tokenizer": CPU_TRACK_TOKENIZER_NAME,
+        "docs_val": summary["docs_val"],
+        "docs_train": summary["docs_train"],
+        "tokens_val": summary["tokens_val"],
+        "tokens_train": summary["tokens_train"],
+        "shards": {name: {"sha256": sha, "tokens": int(expected[name]["tokens"])} for name, sha in hashes.items()},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return {**summary, "sha256": hashes, "tokenizer_path": str(tokenizer_copy), "manifest": str(manifest_path)}
