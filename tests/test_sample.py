@@ -111,8 +111,7 @@ def test_script_on_golden_state_matches_library(monkeypatch):
     out = sample.sample_text(params, cfg, sp, prompt, 40, temperature=0.0)
     assert out.prompt_ids[0] == sp.bos_id() and len(out.new_ids) == 40
     assert printed == out.text
-    # 40 tokens past a 6-token prompt: over the 64-token window? no; greedy text is non-trivial
-    assert len(out.text) > len(prompt) + 40
+    assert len(out.text) > len(prompt) + 40  # 40 real pieces were decoded, not control tokens
 
 
 def test_script_user_errors(tmp_path):
