@@ -102,6 +102,11 @@ class DataConfig:
 class ExportConfig:
     scheme: str = "int8-zlib"
     artifact_limit_bytes: int = 16_000_000
+    # How code bytes count toward the limit: "raw" (the UTF-8 bytes of every
+    # golfjax .py file, as the challenge counts train_gpt.py) or "compressed"
+    # (the records' way: comments and docstrings stripped, then lzma; reports
+    # label it). See golfjax.export.artifact.code_bytes.
+    code_bytes_mode: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"compute_dtype must be auto/float32/bfloat16/float16, got {m.compute_dtype!r}")
     if t.train_seq_len <= 0 or t.train_batch_tokens <= 0:
         raise ConfigError("train_seq_len and train_batch_tokens must be positive")
+    if config.export.code_bytes_mode not in ("raw", "compressed"):
+        raise ConfigError(f"code_bytes_mode must be raw or compressed, got {config.export.code_bytes_mode!r}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

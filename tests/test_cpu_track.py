@@ -145,3 +145,88 @@ def test_missing_shared_data_is_one_clear_error(tmp_path):
     result = run_cli("cpu-track", "--shared", tmp_path, "--out", tmp_path / "out")
     assert result.returncode == 1
     assert "does not hold the shared data" in result.stderr
+
+
+# ---------------------------------------------------------------- code bytes counted the records' way
+
+
+def _without_docstrings(tree):
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def test_minified_code_is_the_same_program_without_comments_and_docstrings():
+    import ast
+
+    from golfjax.export import artifact
+
+    src = '"""Module doc."""\n# a comment\nimport os  # trailing\n\n\ndef f(x):\n    """Doc."""\n    return x + 1\n\n\nclass C:\n    """Only a doc."""\n'
+    out = artifact.minify_source(src)
+    assert "Doc" not in out and "comment" not in out and "trailing" not in out
+    namespace = {}
+    exec(compile(out, "<min>", "exec"), namespace)
+    assert namespace["f"](1) == 2 and isinstance(namespace["C"](), namespace["C"])
+    for path in artifact.code_files():  # every counted file: same AST once docstrings go
+        source = path.read_text(encoding="utf-8")
+        minified = artifact.minify_source(source, str(path))
+        assert ast.dump(ast.parse(minified)) == ast.dump(_without_docstrings(ast.parse(source))), path
+
+
+def test_compressed_code_bytes_are_opt_in_smaller_and_labelled(tmp_path):
+    from golfjax.export import artifact
+
+    files = artifact.code_files()
+    raw = artifact.code_bytes(files)
+    assert raw == artifact.code_bytes(files, "raw") == sum(len(f.read_bytes()) for f in files)
+    compressed = artifact.code_bytes(files, "compressed")
+    assert compressed == artifact.code_bytes(files, "compressed")  # deterministic
+    assert 0 < compressed < raw / 3
+    with pytest.raises(artifact.ArtifactError, match="unknown code_bytes_mode"):
+        artifact.code_bytes(files, "gzip")
+    report = artifact.size_report(1000, files, 10**6, "compressed")
+    assert report["code_bytes"] == compressed and report["code_bytes_raw"] == raw
+    assert report["total_bytes"] == 1000 + compressed
+    text = artifact.format_size_report(report, "int8+zlib")
+    assert f"Code size: {compressed} bytes" in text and "code_bytes_mode=compressed" in text and f"raw {raw}" in text
+    assert "code_bytes_mode" not in artifact.format_size_report(artifact.size_report(1000, files, 10**6))
+
+
+def test_the_export_uses_the_configured_code_mode(tmp_path):
+    from dataclasses import replace
+
+    import jax
+
+    from golfjax.config import Config, ConfigError, validate
+    from golfjax.export.pipeline import export_params
+    from golfjax.model import gpt
+
+    c = Config()
+    cfg = replace(c, model=replace(c.model, vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1),
+                  export=replace(c.export, artifact_limit_bytes=10**6, code_bytes_mode="compressed"))
+    params = gpt.init_params(cfg.model, jax.random.PRNGKey(0))
+    report = export_params(params, cfg, tmp_path / "m.golf")
+    assert report.size["code_bytes_mode"] == "compressed" and report.code_bytes < report.size["code_bytes_raw"]
+    assert any("code_bytes_mode=compressed" in line for line in report.lines())
+    with pytest.raises(ConfigError, match="code_bytes_mode"):
+        validate(replace(cfg, export=replace(cfg.export, code_bytes_mode="zip")))
+
+
+def test_track_configs():
+    from golfjax.config import resolve
+
+    base, _ = resolve(REPO / "configs/cpu_track/baseline.py", environ={})
+    m, t = base.model, base.train
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult, m.vocab_size) == (2, 192, 4, 1, 2.0, 1024)
+    assert (t.train_seq_len, t.train_batch_tokens, t.max_wallclock_seconds) == (512, 8192, 600.0)
+    assert base.export.artifact_limit_bytes == 1_000_000 and base.export.code_bytes_mode == "compressed"
+    assert base.data.data_path == "data/cpu_track"
+    assert base.data.tokenizer_path == f"data/cpu_track/{prepare.CPU_TRACK_TOKENIZER_NAME}"
+    best, _ = resolve(REPO / "configs/cpu_track/best.py", environ={})
+    assert best.model == base.model and best.export == base.export and best.data == base.data

@@ -53,7 +53,8 @@ def export_params(params, cfg: Config, out_path: str | Path, scheme: str | None 
     quantize, codec = SCHEMES[scheme]
     state_q, stats = quantize(interop.to_reference_state(jax.device_get(params)))
     info = artifact.write_artifact(out_path, state_q, to_dict(cfg), codec=codec, scheme=scheme)
-    size = artifact.size_report(info.total_bytes, artifact.code_files(), cfg.export.artifact_limit_bytes)
+    size = artifact.size_report(info.total_bytes, artifact.code_files(), cfg.export.artifact_limit_bytes,
+                                cfg.export.code_bytes_mode)
     artifact.check_budget(size, state_q)
     return ExportReport(info.path, scheme, info.total_bytes, size["code_bytes"], size["total_bytes"],
                         size["limit_bytes"], stats, size)
