@@ -5,8 +5,10 @@ front to back, wrapping forever. Each micro-batch takes `ranks * (local + 1)`
 contiguous tokens and gives rank r the r-th `local + 1` span (the extra token
 makes the shifted targets). We assemble all ranks' spans of all micro-batches
 of a step on the host, so that sharding axis 1 over R devices hands device r
-exactly the span the reference's rank r would read. Host-side numpy only:
-device placement belongs to the training code.
+exactly the span the reference's rank r would read. In a multi-process run
+each process reads the same chunk and keeps only its own ranks' spans
+(`local_ranks`). Host-side numpy only: device placement belongs to the
+training code.
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ class TokenLoader:
         seq_len: int,
         ranks: int = 1,
         grad_accum_steps: int | None = None,
+        local_ranks: Sequence[int] | None = None,
     ):
+        """`local_ranks`: return only these ranks' rows (ascending rank order), as a process of a
+        multi-process run needs (`golfjax.parallel.process_ranks`); default all ranks."""
         if grad_accum_steps is None:
             grad_accum_steps = default_grad_accum_steps(ranks)
         if ranks <= 0 or grad_accum_steps <= 0 or seq_len <= 0:
@@ -111,6 +116,14 @@ class TokenLoader:
                 f"= {local_tokens} tokens per rank and micro-batch, which must be a positive multiple "
                 f"of TRAIN_SEQ_LEN={seq_len}"
             )
+        if local_ranks is None:
+            local_ranks = range(ranks)
+        chosen = sorted(int(r) for r in local_ranks)
+        if not chosen or len(set(chosen)) != len(chosen) or not 0 <= chosen[0] <= chosen[-1] < ranks:
+            raise LoaderError(
+                f"local_ranks={list(local_ranks)} must be distinct ranks in [0, {ranks}), at least one"
+            )
+        self.local_ranks = tuple(chosen)
         self.seq_len = seq_len
         self.ranks = ranks
         self.grad_accum_steps = grad_accum_steps
@@ -122,15 +135,27 @@ class TokenLoader:
         """(grad_accum_steps, sequences over all ranks, seq_len) of every batch."""
         return (self.grad_accum_steps, self.ranks * self.local_tokens // self.seq_len, self.seq_len)
 
+    @property
+    def local_batch_shape(self) -> tuple[int, int, int]:
+        """(grad_accum_steps, sequences of `local_ranks`, seq_len): what `next_batch` returns."""
+        return (self.grad_accum_steps, len(self.local_ranks) * self.local_tokens // self.seq_len, self.seq_len)
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """One step's inputs and targets (int32), micro-batch by micro-batch in stream order."""
+        """One step's inputs and targets (int32), micro-batch by micro-batch in stream order.
+
+        Rows are the spans of `local_ranks` in ascending rank order (all ranks by
+        default). The stream always advances by the whole global chunk, so every
+        process keeps the same position (`state()`)."""
         span = self.local_tokens + 1
-        rows = self.ranks * self.local_tokens // self.seq_len
-        shape = (self.grad_accum_steps, rows, self.seq_len)
+        shape = self.local_batch_shape
+        rows = shape[1]
+        mine = None if len(self.local_ranks) == self.ranks else list(self.local_ranks)
         x = np.empty(shape, dtype=np.int32)
         y = np.empty(shape, dtype=np.int32)
         for micro in range(self.grad_accum_steps):
             spans = self.stream.take(self.ranks * span).reshape(self.ranks, span)
+            if mine is not None:
+                spans = spans[mine]
             x[micro] = spans[:, :-1].reshape(rows, self.seq_len)
             y[micro] = spans[:, 1:].reshape(rows, self.seq_len)
         return x, y
