@@ -23,7 +23,7 @@ from golfjax.data.loader import default_grad_accum_steps
 from golfjax.data.tokenizer import ByteTables
 from golfjax.eval import bpb
 from golfjax.model import gpt
-from golfjax.parallel import num_ranks, put_sharded, replicated, sharded_along
+from golfjax.parallel import num_ranks, put_sharded, replicated, sharded_along, to_host
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def evaluate_plain(
         if count < batch_seqs:  # static shapes: pad, then drop the padding on the host
             pad = np.zeros((batch_seqs - count, seq_len), np.int32)
             x, y = np.concatenate([x, pad]), np.concatenate([y, pad])
-        nll = np.asarray(token_nll(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0)))[:count]
+        nll = to_host(token_nll(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0)))[:count]
         nll_sum += float(nll.astype(np.float64).sum())
         n_bytes += bpb.count_bytes(chunk[:-1], chunk[1:], tables)
     n_tokens = total_seqs * seq_len
