@@ -475,7 +475,8 @@ def format_plan(p: Plan) -> str:
         ("  step time", f"{p.projected_step_ms_8xh100:.2f} ms"),
         ("  steps in 600 s", f"{p.projected_steps_600s:,}"),
         ("  tokens in 600 s", f"{p.projected_tokens_600s:,}"),
-        ("  HBM-bound step (XLA bytes)", f"{p.hbm_bound_step_ms:.2f} ms (lower bound if memory-bound)"),
+        ("  HBM time of XLA bytes", f"{p.hbm_bound_step_ms:.2f} ms (bytes / 3.35 TB/s; unfused bytes overstate "
+                                    "the traffic of fused GPU kernels, so read it as a ceiling, not a bound)"),
         ("  grad all-reduce", f"{p.allreduce_ms:.2f} ms (fp32 ring over NVLink; overlappable, not included)"),
         ("planner seconds", ", ".join(f"{k} {v}" for k, v in p.seconds.items())),
     ]
