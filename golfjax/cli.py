@@ -8,6 +8,7 @@ Set GOLFJAX_DEBUG=1 to see the traceback anyway.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
@@ -26,7 +27,9 @@ def add_model_source_args(parser: argparse.ArgumentParser, artifact: bool = True
     source = parser.add_mutually_exclusive_group(required=True)
     if artifact:
         source.add_argument("--artifact", help="a golfjax artifact (.golf); carries its own config")
-    source.add_argument("--checkpoint", help="a golfjax checkpoint directory; carries its own config")
+    source.add_argument("--checkpoint", help="a golfjax checkpoint; carries its own config: <run>/checkpoint "
+                                             "(the end of a run), a run directory (its latest training checkpoint) "
+                                             "or <run>/checkpoints/<step>")
     source.add_argument("--reference-state",
                         help="a reference state dict (.npz, or .pt with torch); architecture from "
                              "--config, the reference environment variables and --set")
@@ -45,8 +48,7 @@ def load_model_source(args: argparse.Namespace):
 
         cfg, params = load_artifact_params(args.artifact)
     else:
-        cfg = checkpoint.load_config(args.checkpoint)
-        params = checkpoint.load_params(args.checkpoint, cfg)
+        cfg, params = checkpoint.load_model(args.checkpoint)
     return apply_overrides(cfg, args.overrides), params
 
 
@@ -57,8 +59,17 @@ def setup_devices(cpu_devices: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
 
 
+class _DropReportedTracebacks(logging.Filter):
+    """orbax logs the traceback of a failed background save (absl logger); golfjax reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.levelno >= logging.ERROR)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`, turning the user errors of golfjax into one clear line."""
+    if not os.environ.get("GOLFJAX_DEBUG"):
+        logging.getLogger("absl").addFilter(_DropReportedTracebacks())
     try:
         code = main()
     except KeyboardInterrupt:

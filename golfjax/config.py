@@ -83,6 +83,14 @@ class TrainConfig:
     grad_accum_steps: int = 0
     run_id: str = ""
     out_dir: str = "runs"
+    # The run directory itself (logs, checkpoints, artifact); "" means <out_dir>/<run_id>.
+    run_dir: str = ""
+    # Save the whole training state every N steps into <run_dir>/checkpoints/ (0: only
+    # on SIGTERM/SIGINT), keeping the last keep_checkpoints; resume continues the run
+    # in run_dir from its latest complete checkpoint.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     python scripts/evaluate.py --artifact final_model.golf --data-dir D --tokenizer T
     python scripts/evaluate.py --checkpoint runs/ID/checkpoint --data-dir D --tokenizer T
+    python scripts/evaluate.py --checkpoint runs/ID/checkpoints/400 --data-dir D --tokenizer T
     NUM_LAYERS=2 MODEL_DIM=64 ... python scripts/evaluate.py --reference-state final_state.npz \
         --data-dir D --tokenizer T
 

@@ -1,6 +1,7 @@
 """Turn a golfjax checkpoint or a reference state into a scored-size artifact.
 
     python scripts/export.py --checkpoint runs/ID/checkpoint --out model.golf
+    python scripts/export.py --checkpoint runs/ID --out model.golf    # latest training checkpoint
     NUM_LAYERS=2 MODEL_DIM=64 ... python scripts/export.py --reference-state final_state.npz --out model.golf
 
 Prints the size report (model bytes, code bytes and the files counted, total
@@ -30,8 +31,14 @@ def main() -> int:
 
     from golfjax.export.pipeline import export_params
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the artifact's file name (e.g. {out / 'model.golf'})")
     cfg, params = load_model_source(args)
-    report = export_params(params, cfg, args.out, args.scheme)
+    try:
+        report = export_params(params, cfg, out, args.scheme)
+    except OSError as exc:
+        raise OSError(f"could not write the artifact {out}: {exc}") from exc
     for line in report.lines():
         print(line)
     print(json.dumps({"artifact": str(report.path), "scheme": report.scheme, "model_bytes": report.model_bytes,
