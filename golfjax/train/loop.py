@@ -333,6 +333,9 @@ def _restore(ctx: _Run, step: int, template, discarded: int):
     progress = Progress(int(meta["step"]), float(meta["train_ms"]), meta["stop_after"])
     ctx.log.line(f"resumed_from:{ctx.checkpoints.path(step)} step:{progress.step} "
                  f"train_time:{progress.train_ms:.0f}ms discarded_metrics_records:{discarded}")
+    if meta.get("devices") != num_ranks(ctx.mesh):
+        ctx.log.line(f"resume_note: saved on {meta.get('devices')} devices, continuing on {num_ranks(ctx.mesh)}: "
+                     "the same batches, but gradient sums in another order (not bit for bit)")
     ctx.log.metrics({"event": "resume", "step": progress.step, "train_time_ms": progress.train_ms,
                      "checkpoint": str(ctx.checkpoints.path(step)), "discarded_records": discarded})
     return state, progress
