@@ -35,6 +35,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         items.append(f"train.keep_checkpoints={args.keep_checkpoints}")
     if args.resume:
         items.append("train.resume=true")
+    if args.profile is not None:
+        items.append(f"train.profile={args.profile}")
     return items
 
 
@@ -48,6 +50,11 @@ def main() -> int:
     parser.add_argument("--keep-checkpoints", type=int, metavar="K", help="keep the last K checkpoints (default 3)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-dir from its latest complete checkpoint")
+    parser.add_argument("--profile", metavar="START:STOP",
+                        help="trace steps START..STOP-1 (log numbering) with jax.profiler into RUN_DIR/profile")
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                        help="join a multi-process run (jax.distributed); default: when the JAX_*/torchrun/"
+                             "SLURM/Open MPI environment describes more than one process")
     args = parser.parse_args()
     setup_devices(args.cpu_devices)
 
@@ -68,6 +75,11 @@ def main() -> int:
     else:
         raise ConfigError("--config FILE is required to start a run (configs/smoke.py, configs/baseline.py, ...); "
                           "to continue one, pass --run-dir DIR --resume")
+    from golfjax.parallel import initialize_distributed
+
+    info = initialize_distributed(args.distributed)
+    if info is not None:
+        print(info.describe())
     from golfjax.train.loop import RunInterrupted, run
 
     if env_used:
@@ -81,4 +93,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    from golfjax.parallel import fail_fast
+
+    with fail_fast():  # in a multi-process run, a failing process ends the others at once
+        run_main(main)

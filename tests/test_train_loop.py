@@ -46,7 +46,11 @@ def test_wallclock_cap_stops_training_and_warmdown_follows_time(golden_shards, t
 
 
 def test_iteration_schedule_logs_reference_lines(golden_shards, tmp_path):
-    cfg = tiny_config(golden_shards, tmp_path, iterations=4, warmdown_iters=2, max_wallclock_seconds=0.0)
+    """Also: --profile traces the chosen steps, and the run ends with its plots."""
+    from golfjax.profiling import find_trace_files
+
+    cfg = tiny_config(golden_shards, tmp_path, iterations=4, warmdown_iters=2, max_wallclock_seconds=0.0,
+                      profile="2:4")
     console = io.StringIO()
     run(cfg, console=console)
     lines = console.getvalue().splitlines()
@@ -55,3 +59,8 @@ def test_iteration_schedule_logs_reference_lines(golden_shards, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
     assert [e["lr_mul"] for e in events if e["event"] == "train"] == [1.0, 1.0, 1.0, 0.5]
     assert {"train_loss", "lr_mul", "grad_norm", "step_ms", "tokens_per_s"} <= set(events[0]) | set(events[1])
+    traces = find_trace_files(tmp_path / "loop" / "profile")
+    assert traces["xplane"] and traces["trace_json"] and all(p.stat().st_size > 0 for p in traces["xplane"])
+    assert any(line.startswith("profile:") for line in lines)
+    png = tmp_path / "loop" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -34,6 +34,7 @@ from typing import TextIO
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from golfjax import checkpoint
@@ -43,7 +44,9 @@ from golfjax.eval.plain import EvalResult, evaluate_config, make_token_nll
 from golfjax.export.pipeline import export_params, load_artifact_params
 from golfjax.model import gpt
 from golfjax.optim.build import build_optimizer, lr_multiplier, param_labels
-from golfjax.parallel import make_mesh, num_ranks, put_replicated, put_sharded
+from golfjax.parallel import (is_coordinator, make_mesh, num_ranks, process_ranks, put_process_local,
+                              put_replicated)
+from golfjax.profiling import ProfileWindow
 from golfjax.train.data_setup import RunData, prepare_run_data
 from golfjax.train.step import init_state, make_train_step
 
@@ -284,7 +287,8 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     ctx.mesh = mesh = make_mesh()
     ranks = num_ranks(mesh)
     grad_accum = t_cfg.grad_accum_steps or default_grad_accum_steps(ranks)
-    ctx.loader = TokenLoader(ctx.data.train_files, t_cfg.train_batch_tokens, t_cfg.train_seq_len, ranks, grad_accum)
+    ctx.loader = TokenLoader(ctx.data.train_files, t_cfg.train_batch_tokens, t_cfg.train_seq_len, ranks, grad_accum,
+                             local_ranks=process_ranks(mesh))
 
     if resume_step is None:
         params = gpt.init_params(cfg.model, jax.random.PRNGKey(t_cfg.seed))
@@ -356,25 +360,43 @@ def _validate(ctx: _Run, state, progress: Progress, clock: TrainClock) -> EvalRe
     return res
 
 
-def _train_step(ctx: _Run, state, progress: Progress, clock: TrainClock):
+def agreed_elapsed_ms(clock: TrainClock) -> float:
+    """Consumed training time, the same on every process (process 0's), so that the
+    LR multiplier and the wall-clock stop never differ between replicas."""
+    elapsed = clock.elapsed_ms()
+    if jax.process_count() == 1:
+        return elapsed
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.float64(elapsed)))
+
+
+def _train_step(ctx: _Run, state, progress: Progress, clock: TrainClock, profiler: ProfileWindow):
     """One optimizer step and its log lines; returns the new state."""
     t_cfg = ctx.cfg.train
     step = progress.step
-    lr_mul = lr_multiplier(step, clock.elapsed_ms(), t_cfg.iterations, t_cfg.warmdown_iters,
+    profile_overhead = profiler.overhead_s
+    profiler.before_step(step + 1)
+    lr_mul = lr_multiplier(step, agreed_elapsed_ms(clock), t_cfg.iterations, t_cfg.warmdown_iters,
                            t_cfg.max_wallclock_seconds)
     x, y = ctx.loader.next_batch()
     t_step = time.perf_counter()
-    state, metrics = ctx.compiled(state, put_sharded(x, ctx.mesh, 1), put_sharded(y, ctx.mesh, 1), jnp.float32(lr_mul))
+    state, metrics = ctx.compiled(state, put_process_local(x, ctx.mesh, 1), put_process_local(y, ctx.mesh, 1),
+                                  jnp.float32(lr_mul))
     train_loss = float(metrics["train_loss"])  # waits for the step: the clock must see real work
     step_ms = 1000.0 * (time.perf_counter() - t_step)
     progress.step = step = step + 1
+    traced = profiler.after_step(step, (state, metrics))
+    clock.consumed_ms -= 1000.0 * (profiler.overhead_s - profile_overhead)  # tracing is not training time
+    if traced:
+        ctx.log.line(f"profile:{traced}")
     if not math.isfinite(train_loss):
         ctx.checkpoints.wait()
         raise TrainingError(
             f"step {step}: train_loss is {train_loss}; stopped without writing an artifact (the weights are broken); "
             f"last good checkpoint: {ctx.checkpoints.last_complete()}; lower the learning rates (e.g. "
             "--set optim.matrix_lr=...) and start a new run")
-    approx_ms = clock.elapsed_ms()
+    approx_ms = agreed_elapsed_ms(clock)
     ctx.log.metrics({"event": "train", "step": step, "train_loss": train_loss, "lr_mul": lr_mul,
                      "grad_norm": float(metrics["grad_norm"]), "step_ms": step_ms,
                      "tokens_per_s": t_cfg.train_batch_tokens / max(step_ms / 1000.0, 1e-9),
@@ -431,8 +453,10 @@ def _maybe_checkpoint(ctx: _Run, state, progress: Progress, clock: TrainClock, s
 def _train(ctx: _Run, state, progress: Progress):
     """Validate when due, step, checkpoint; until the iterations or the wall-clock cap are done."""
     t_cfg = ctx.cfg.train
-    bar = tqdm(total=t_cfg.iterations, initial=progress.step, desc="train", unit="step", disable=None, leave=False)
-    with StopSignals() as signals:
+    bar = tqdm(total=t_cfg.iterations, initial=progress.step, desc="train", unit="step",
+               disable=None if is_coordinator() else True, leave=False)
+    profiler = ProfileWindow(ctx.run_dir, t_cfg.profile or None)
+    with StopSignals() as signals, profiler:
         clock = TrainClock(progress.train_ms)  # starts now: at step 0 the warmdown sees (almost) no time
         while True:
             last = _training_done(ctx, progress)
@@ -440,7 +464,7 @@ def _train(ctx: _Run, state, progress: Progress):
                 final = _validate(ctx, state, progress, clock)
             if last:
                 break
-            state = _train_step(ctx, state, progress, clock)
+            state = _train_step(ctx, state, progress, clock, profiler)
             bar.update(1)
             _maybe_checkpoint(ctx, state, progress, clock, signals)
     bar.close()
@@ -452,12 +476,29 @@ def _train(ctx: _Run, state, progress: Progress):
     return state, progress, final
 
 
+def _write_plots(log: RunLog, run_dir: Path) -> None:
+    """curves.png from metrics.jsonl; a finished run does not fail over a picture."""
+    if not is_coordinator():
+        return
+    from golfjax.plots import write_run_plots
+
+    try:
+        for path in write_run_plots(run_dir):
+            log.line(f"plot:{path}")
+    except Exception as exc:  # noqa: BLE001
+        log.line(f"plot_failed:{type(exc).__name__}: {exc}")
+
+
 def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResult:
     """Params checkpoint, artifact, round-trip evaluation, final metrics."""
     cfg, log, run_dir = ctx.cfg, ctx.log, ctx.run_dir
     ckpt_dir = checkpoint.save_params(run_dir / "checkpoint", state.params, cfg)
     log.line(f"checkpoint:{ckpt_dir}")
-    artifact_path = run_dir / "final_model.golf"
+    # Every process needs the round-trip weights; only process 0 writes the run's artifact
+    # (the export is deterministic, so the others write a private copy).
+    artifact_path = run_dir / "final_model.golf" if is_coordinator() else (
+        run_dir / f".final_model.process{jax.process_index()}.golf")
+    artifact_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         report = export_params(state.params, cfg, artifact_path)
     except OSError as exc:
@@ -477,4 +518,5 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
                  "artifact_bytes": report.total_bytes,
                  **{f"roundtrip_{k}": v for k, v in roundtrip.as_dict().items()},
                  **{f"final_{k}": v for k, v in final.as_dict().items()}})
+    _write_plots(log, run_dir)
     return RunResult(run_dir, progress.step, progress.train_ms, final, roundtrip, report.path, report.total_bytes)
