@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -61,42 +62,26 @@ def main() -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from golfjax.config import resolve
-    from golfjax.data.loader import default_grad_accum_steps
     from golfjax.model import gpt
-    from golfjax.optim.build import build_optimizer
-    from golfjax.parallel import make_mesh, num_ranks, put_replicated, put_sharded
-    from golfjax.train.step import init_state, make_train_step
+    from golfjax.parallel import make_mesh, num_ranks
+    from golfjax.train.synthetic import synthetic_step
 
     cfg, _ = resolve(args.config, args.overrides)
-    t = cfg.train
     mesh = make_mesh()
     ranks = num_ranks(mesh)
-    accum = t.grad_accum_steps or default_grad_accum_steps(ranks)
-    seqs = ranks * (t.train_batch_tokens // (ranks * accum)) // t.train_seq_len
-    params = gpt.init_params(cfg.model, jax.random.PRNGKey(t.seed))
-    tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
-    state = put_replicated(init_state(cfg, params, tx), mesh)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
-    rng = np.random.default_rng(0)
-    shape = (accum, seqs, t.train_seq_len)
-    x = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
-    y = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, x, y, jnp.float32(1.0)).compile()
+    bench = synthetic_step(cfg, mesh)
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, x, y, jnp.float32(1.0))  # one untimed step (allocation warm-up)
-    jax.block_until_ready(metrics)
+    bench.run()  # one untimed step (allocation warm-up)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, x, y, jnp.float32(1.0))
-        jax.block_until_ready(metrics)
+        bench.run()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    tokens = accum * seqs * t.train_seq_len
+    tokens = bench.tokens_per_step
     flops = model_flops_per_token(cfg) * tokens / step_s
     peak = matmul_peak_flops()
     result = {
@@ -107,14 +92,15 @@ def main() -> int:
         "fraction_of_peak": round(flops / peak, 4),
         "matmul_peak_flops_per_s": round(peak, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(compile_s, 2),  # init + compile
         "tokens_per_step": tokens,
         "steps": args.steps,
         "devices": ranks,
         "backend": jax.default_backend(),
         "compute_dtype": jnp.dtype(gpt.resolve_compute_dtype(cfg.model.compute_dtype)).name,
         "muon_ns_dtype": cfg.optim.muon_ns_dtype,
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
     }
     print(json.dumps(result))
     return 0

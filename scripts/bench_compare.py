@@ -32,27 +32,14 @@ def main() -> int:
     setup_devices(args.cpu_devices)
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from golfjax.config import resolve
-    from golfjax.data.loader import default_grad_accum_steps
     from golfjax.model import gpt
-    from golfjax.optim.build import build_optimizer
-    from golfjax.parallel import make_mesh, num_ranks, put_replicated, put_sharded
-    from golfjax.train.step import init_state, make_train_step
+    from golfjax.parallel import make_mesh
+    from golfjax.train.synthetic import synthetic_step
 
     cfg, _ = resolve(args.config, args.overrides)
-    t = cfg.train
     mesh = make_mesh()
-    ranks = num_ranks(mesh)
-    accum = t.grad_accum_steps or default_grad_accum_steps(ranks)
-    seqs = ranks * (t.train_batch_tokens // (ranks * accum)) // t.train_seq_len
-    rng = np.random.default_rng(0)
-    shape = (accum, seqs, t.train_seq_len)
-    x = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
-    y = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
-    lr = jnp.float32(1.0)
 
     variants = {}
     for name in ("plain", "default"):
@@ -60,31 +47,25 @@ def main() -> int:
         saved = gpt.MAX_UNROLLED_LAYERS
         if name == "plain":
             gpt.MAX_UNROLLED_LAYERS = 0
-        params = gpt.init_params(vcfg.model, jax.random.PRNGKey(t.seed))
-        tx = build_optimizer(params, vcfg.optim, vcfg.model.tie_embeddings)
-        state = put_replicated(init_state(vcfg, params, tx), mesh)
-        step_fn, _ = make_train_step(vcfg, mesh, tx)
-        compiled = step_fn.lower(state, x, y, lr).compile()
+        step = synthetic_step(vcfg, mesh)  # same seed: the same random batch for both
         gpt.MAX_UNROLLED_LAYERS = saved
-        state, metrics = compiled(state, x, y, lr)  # untimed warm-up step
-        jax.block_until_ready(metrics)
-        variants[name] = [compiled, state, [], float(metrics["train_loss"])]
+        first_loss = float(step.run()["train_loss"])  # untimed warm-up step
+        variants[name] = (step, [], first_loss)
     for _ in range(args.steps):
-        for name, v in variants.items():
+        for name, (step, times, _) in variants.items():
             t0 = time.perf_counter()
-            v[1], metrics = v[0](v[1], x, y, lr)
-            jax.block_until_ready(metrics)
-            v[2].append(time.perf_counter() - t0)
-    ms = {name: 1000 * statistics.median(v[2]) for name, v in variants.items()}
-    tokens = accum * seqs * t.train_seq_len
+            step.run()
+            times.append(time.perf_counter() - t0)
+    ms = {name: 1000 * statistics.median(v[1]) for name, v in variants.items()}
+    tokens = variants["default"][0].tokens_per_step
     print(json.dumps({
         "plain_step_ms": round(ms["plain"], 1), "default_step_ms": round(ms["default"], 1),
         "plain_tokens_per_s": round(1000 * tokens / ms["plain"], 1),
         "default_tokens_per_s": round(1000 * tokens / ms["default"], 1),
         "speedup": round(ms["plain"] / ms["default"], 3),
-        "first_step_loss": {name: round(v[3], 6) for name, v in variants.items()},
-        "plain_times_ms": [round(1000 * s) for s in variants["plain"][2]],
-        "default_times_ms": [round(1000 * s) for s in variants["default"][2]],
+        "first_step_loss": {name: round(v[2], 6) for name, v in variants.items()},
+        "plain_times_ms": [round(1000 * s) for s in variants["plain"][1]],
+        "default_times_ms": [round(1000 * s) for s in variants["default"][1]],
         "steps": args.steps, "tokens_per_step": tokens,
     }))
     return 0

@@ -221,45 +221,30 @@ def profile_train_step(args) -> Path:
     """Profile `args.steps` train steps of `args.config` on synthetic tokens into args.out."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from golfjax.config import resolve
-    from golfjax.data.loader import default_grad_accum_steps
     from golfjax.model import gpt
-    from golfjax.optim.build import build_optimizer
-    from golfjax.parallel import make_mesh, num_ranks, put_replicated, put_sharded
+    from golfjax.parallel import make_mesh, num_ranks
     from golfjax.profiling import ProfileWindow
-    from golfjax.train.step import init_state, make_train_step
+    from golfjax.train.synthetic import batch_shape, synthetic_step
 
     cfg, _ = resolve(args.config, args.overrides)
-    t = cfg.train
     mesh = make_mesh()
     ranks = num_ranks(mesh)
-    accum = t.grad_accum_steps or default_grad_accum_steps(ranks)
-    seqs = ranks * (t.train_batch_tokens // (ranks * accum)) // t.train_seq_len
-    params = gpt.init_params(cfg.model, jax.random.PRNGKey(t.seed))
-    tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
-    state = put_replicated(init_state(cfg, params, tx), mesh)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
-    rng = np.random.default_rng(0)
-    shape = (accum, seqs, t.train_seq_len)
-    x = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
-    y = put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1)
-    compiled = step_fn.lower(state, x, y, jnp.float32(1.0)).compile()
+    shape = batch_shape(cfg, ranks)
+    step = synthetic_step(cfg, mesh)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hlo.txt").write_text(compiled.as_text())
-    state, metrics = compiled(state, x, y, jnp.float32(1.0))  # warm-up, untraced
-    jax.block_until_ready(metrics)
+    (out / "hlo.txt").write_text(step.compiled.as_text())
+    step.run()  # warm-up, untraced
     t0 = time.perf_counter()
-    state, metrics = compiled(state, x, y, jnp.float32(1.0))  # one untraced step, for the tracing overhead
-    jax.block_until_ready(metrics)
+    step.run()  # one untraced step, for the tracing overhead
     untraced_ms = 1000 * (time.perf_counter() - t0)
     window = ProfileWindow(out, f"2:{2 + args.steps}")
-    for step in range(2, 2 + args.steps):
-        window.before_step(step)
-        state, metrics = compiled(state, x, y, jnp.float32(1.0))
-        window.after_step(step, (state, metrics))
+    for n in range(2, 2 + args.steps):
+        window.before_step(n)
+        metrics = step.run()
+        window.after_step(n, (step.state, metrics))
     window.close()
     print(f"config: {args.config} {' '.join(args.overrides)}; batch (accum, seqs, seq_len) = {shape}; "
           f"devices {ranks} ({jax.default_backend()}); compute dtype "
