@@ -31,7 +31,6 @@ def main() -> int:
     args = parser.parse_args()
     setup_devices(args.cpu_devices)
 
-    import jax
 
     from golfjax.config import resolve
     from golfjax.model import gpt

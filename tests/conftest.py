@@ -31,17 +31,19 @@ def golden_dir() -> Path:
     return require(GOLDEN)
 
 
+def shared(relative: str) -> Path:
+    """A path inside the shared folder; skips (naming it) when absent."""
+    return require(SHARED / relative)
+
+
 @pytest.fixture(scope="session")
 def golden_shards(tmp_path_factory) -> Path:
-    """The golden configuration's shards, built once by prepare_data's text path."""
-    from golfjax.data.prepare import tokenize_documents_to_shards
-    from golfjax.data.tokenizer import load_tokenizer
-    import json
+    """The golden configuration's shards, built once by `prepare_data.py text` (test_prepare checks their sha256)."""
+    import subprocess
+    import sys
 
-    require(FINEWEB_DOCS)
-    sp = load_tokenizer(require(TOKENIZER_1024), 1024)
     out = tmp_path_factory.mktemp("golden_shards")
-    with open(FINEWEB_DOCS, encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for line in f]
-    tokenize_documents_to_shards(docs, sp, out, num_val_docs=20)
+    cmd = [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "text", str(require(FINEWEB_DOCS)),
+           "--tokenizer", str(require(TOKENIZER_1024)), "--out", str(out), "--num-val-docs", "20", "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return out

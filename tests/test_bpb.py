@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +9,7 @@ import pytest
 from golfjax.data.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 from golfjax.eval.bpb import count_bytes, decoded_utf8_bytes, loss_and_bpb, stream_bytes, target_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GOLFJAX_SHARED") or REPO.parent / "shared")
-
-
-def shared(relative: str) -> Path:
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"missing {path}")
-    return path
+from tests.conftest import shared
 
 
 # ids: 0 BOS (boundary), 1 "▁ab", 2 "cd", 3 a byte-fallback piece

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 
-from golfjax import interop
 from golfjax.export.artifact import read_artifact
 from golfjax.export.pipeline import export_params, load_artifact_params
 from tests.conftest import FINEWEB_DOCS, REPO, TOKENIZER_1024, require

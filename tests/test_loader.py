@@ -1,10 +1,6 @@
 """The loader reproduces the reference's token order exactly, for any ranks and accumulation."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,36 +14,9 @@ from golfjax.data.loader import (
 )
 from golfjax.data.shards import list_shards, write_shard
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GOLFJAX_SHARED") or REPO.parent / "shared")
+from tests.conftest import shared
 
 
-def shared(relative: str) -> Path:
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"missing {path}")
-    return path
-
-
-def build_golden_shards(tmp_path_factory) -> Path:
-    """The golden shards made by the CLI, once per session (test_prepare checks their sha256)."""
-    out = tmp_path_factory.getbasetemp() / "golden_shards"
-    if not (out / "done").exists():
-        cmd = [
-            sys.executable, str(REPO / "scripts" / "prepare_data.py"), "text",
-            str(shared("data/fineweb/fineweb_challenge_docs_200.jsonl")),
-            "--tokenizer", str(shared("data/tokenizers/fineweb_1024_bpe.model")),
-            "--out", str(out), "--num-val-docs", "20", "--quiet",
-        ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
-        (out / "done").touch()
-    return out
-
-
-@pytest.fixture(scope="module")
-def golden_dir(tmp_path_factory):
-    return build_golden_shards(tmp_path_factory)
 
 
 # ------------------------------------------------------------ brute-force reference
@@ -169,8 +138,8 @@ def test_validation_tokens_truncated_to_whole_sequences(tmp_path):
         load_validation_tokens(files, 64)
 
 
-def test_golden_batches(golden_dir):
-    train = list_shards(golden_dir, "fineweb_train_*.bin")
+def test_golden_batches(golden_shards):
+    train = list_shards(golden_shards, "fineweb_train_*.bin")
     for name in ("golden/batches.npz", "golden/trained/batches.npz"):
         golden = np.load(shared(name))
         loader = TokenLoader(train, 512, 64, 1, 8)
@@ -180,7 +149,7 @@ def test_golden_batches(golden_dir):
             np.testing.assert_array_equal(y, golden["y"][step], err_msg=f"{name} step {step}")
 
 
-def test_golden_validation_length(golden_dir):
+def test_golden_validation_length(golden_shards):
     evaluated = json.loads(shared("golden/golden.json").read_text())["data"]["val_tokens_evaluated"]
-    val = load_validation_tokens(list_shards(golden_dir, "fineweb_val_*.bin"), 64)
+    val = load_validation_tokens(list_shards(golden_shards, "fineweb_val_*.bin"), 64)
     assert len(val) == evaluated + 1 == 74945

@@ -9,23 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from golfjax.data import prepare
 from golfjax.data.prepare import PrepareError
 from golfjax.data.shards import ShardError, read_shard, validate_shard, write_shard
 from golfjax.data.tokenizer import TokenizerError, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GOLFJAX_SHARED") or REPO.parent / "shared")
+from tests.conftest import REPO, shared
+
 CLI = REPO / "scripts" / "prepare_data.py"
-
-
-def shared(relative: str) -> Path:
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"missing {path}")
-    return path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -33,25 +25,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True, env=env)
 
 
-def build_golden_shards(tmp_path_factory) -> Path:
-    """The golden shards made by the CLI, once per session (test_loader uses them too)."""
-    out = tmp_path_factory.getbasetemp() / "golden_shards"
-    if not (out / "done").exists():
-        cmd = [
-            sys.executable, str(CLI), "text",
-            str(shared("data/fineweb/fineweb_challenge_docs_200.jsonl")),
-            "--tokenizer", str(shared("data/tokenizers/fineweb_1024_bpe.model")),
-            "--out", str(out), "--num-val-docs", "20", "--quiet",
-        ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
-        (out / "done").touch()
-    return out
-
-
-@pytest.fixture(scope="module")
-def golden_dir(tmp_path_factory):
-    return build_golden_shards(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +41,16 @@ def docs():
 # ------------------------------------------------------------ text -> shards
 
 
-def test_cli_reproduces_golden_shards(golden_dir):
+def test_cli_reproduces_golden_shards(golden_shards):
     golden = json.loads(shared("golden/golden.json").read_text())["data"]["shard_sha256"]
     for name, sha in golden.items():
-        assert hashlib.sha256((golden_dir / name).read_bytes()).hexdigest() == sha, name
-    assert validate_shard(golden_dir / "fineweb_val_000000.bin") == 74_982
-    assert validate_shard(golden_dir / "fineweb_train_000000.bin") == 553_475
-    assert sorted(p.name for p in golden_dir.glob("*.bin")) == sorted(golden)
+        assert hashlib.sha256((golden_shards / name).read_bytes()).hexdigest() == sha, name
+    assert validate_shard(golden_shards / "fineweb_val_000000.bin") == 74_982
+    assert validate_shard(golden_shards / "fineweb_train_000000.bin") == 553_475
+    assert sorted(p.name for p in golden_shards.glob("*.bin")) == sorted(golden)
 
 
-def test_small_shards_split_the_same_stream(tmp_path, docs, sp1024, golden_dir):
+def test_small_shards_split_the_same_stream(tmp_path, docs, sp1024, golden_shards):
     write_shard(tmp_path / "fineweb_train_000099.bin", np.arange(5))  # a previous export's leftover
     summary = prepare.tokenize_documents_to_shards(docs, sp1024, tmp_path, 20, shard_size=10_000, progress=False)
     assert summary["removed_stale_shards"] == 1
@@ -89,7 +62,7 @@ def test_small_shards_split_the_same_stream(tmp_path, docs, sp1024, golden_dir):
         assert [p.name for p in files] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(files))]
         assert all(validate_shard(p) == 10_000 for p in files[:-1])
         joined = np.concatenate([read_shard(p) for p in files])
-        np.testing.assert_array_equal(joined, read_shard(golden_dir / f"fineweb_{split}_000000.bin"))
+        np.testing.assert_array_equal(joined, read_shard(golden_shards / f"fineweb_{split}_000000.bin"))
 
 
 def test_each_document_is_bos_then_its_tokens(tmp_path, sp1024):

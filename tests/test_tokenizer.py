@@ -11,15 +11,7 @@ import sentencepiece as spm
 from golfjax.data.tokenizer import TokenizerError, build_byte_tables, load_tokenizer
 from golfjax.eval.bpb import decoded_utf8_bytes, stream_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GOLFJAX_SHARED") or REPO.parent / "shared")
-
-
-def shared(relative: str) -> Path:
-    path = SHARED / relative
-    if not path.exists():
-        pytest.skip(f"missing {path}")
-    return path
+from tests.conftest import shared
 
 
 @pytest.fixture(scope="module")

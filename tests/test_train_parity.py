@@ -16,7 +16,7 @@ from golfjax import interop
 from golfjax.optim.build import build_optimizer, lr_multiplier
 from golfjax.parallel import make_mesh, put_replicated
 from golfjax.train.step import init_state, make_train_step
-from tests.test_golden_parity import GOLDEN_MODEL, golden_config, golden_json, load_params
+from tests.test_golden_parity import golden_config, golden_json, load_params
 
 
 def run_steps(cfg, params, batches, devices):
