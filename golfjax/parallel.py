@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -397,6 +398,8 @@ def fail_fast(stream=None) -> Iterator[None]:
     try:
         yield
     except SystemExit as exc:
+        if _multi_process() and exc.code in (None, 0):
+            _leave_together()
         if _multi_process() and exc.code not in (None, 0):
             if isinstance(exc.code, str):  # sys.exit("message"), which Python would print
                 print(exc.code, file=stream or sys.stderr)
@@ -406,6 +409,27 @@ def fail_fast(stream=None) -> Iterator[None]:
         if _multi_process():
             _exit_now(130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED, exc, stream)
         raise
+    else:
+        if _multi_process():
+            _leave_together()
+
+
+def _leave_together() -> None:
+    """After a successful multi-process run: meet the others, then exit without jax's teardown.
+
+    The coordinator's gRPC service can abort (SIGABRT) while being destroyed with
+    requests of other processes still in flight; so every process waits at a
+    barrier, the others leave at once, and process 0 (which hosts the service)
+    leaves a moment later, once nobody talks to it any more.
+    """
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("golfjax:leave")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _info is not None and _info.spec.process_id == 0:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _exit_now(code: int, exc: BaseException | None, stream) -> None:
