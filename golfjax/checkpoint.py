@@ -353,9 +353,10 @@ def save_params(directory: str | Path, params, cfg: Config) -> Path:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(directory / "params", state_to_tree(params), force=True)
         checkpointer.wait_until_finished()
-        tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
-        os.replace(tmp, directory / "config.json")
+        if jax.process_index() == 0:  # one writer on a shared filesystem (orbax coordinates params/)
+            tmp = directory / "config.json.tmp"
+            tmp.write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
+            os.replace(tmp, directory / "config.json")
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"could not write the params checkpoint {directory}: {_describe_failure(exc)}") from exc
     return directory
