@@ -90,7 +90,7 @@ def train(data: Path, mesh, steps: int | None, process_local: bool, after_step=N
 
     params = gpt.init_params(cfg.model, jax.random.PRNGKey(t.seed))
     tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
+    step_fn = make_train_step(cfg, mesh, tx)
     state = put_replicated(init_state(cfg, params, tx), mesh)
     mesh_devices = list(mesh.devices.reshape(-1))
     rows = SEQS_PER_RANK

@@ -22,7 +22,7 @@ from tests.test_golden_parity import golden_config, golden_json, load_params
 def run_steps(cfg, params, batches, devices):
     mesh = make_mesh(jax.devices()[:devices])
     tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
+    step_fn = make_train_step(cfg, mesh, tx)
     state = put_replicated(init_state(cfg, params, tx), mesh)
     losses = []
     t = cfg.train

@@ -102,16 +102,24 @@ def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool) -> opta
     return optax.partition({g: tx for g, tx in transforms.items() if g in used}, labels)
 
 
-def clip_grads_by_global_norm(grads: Any, max_norm: float) -> Any:
+def global_grad_norm(grads: Any) -> jax.Array:
+    """torch's total norm: the norm of the per-tensor float32 norms."""
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.linalg.norm(jnp.stack([jnp.linalg.norm(g.ravel().astype(jnp.float32)) for g in leaves]))
+
+
+def clip_grads_by_global_norm(grads: Any, max_norm: float, total: jax.Array | None = None) -> Any:
     """torch.nn.utils.clip_grad_norm_: scale by max_norm/(norm + 1e-6) when that is < 1.
 
     `max_norm` is a Python float (a config value); <= 0 disables clipping, as the
-    reference skips the call. The total norm is the norm of per-tensor norms.
+    reference skips the call. `total` is `global_grad_norm(grads)` when the caller
+    has it already (the train step logs it).
     """
-    leaves = jax.tree.leaves(grads)
-    if max_norm <= 0 or not leaves:
+    if max_norm <= 0 or not jax.tree.leaves(grads):
         return grads
-    total = jnp.linalg.norm(jnp.stack([jnp.linalg.norm(g.ravel().astype(jnp.float32)) for g in leaves]))
+    total = global_grad_norm(grads) if total is None else total
     coef = jnp.minimum(max_norm / (total + 1e-6), 1.0)
     return jax.tree.map(lambda g: (g * coef).astype(g.dtype), grads)
 

@@ -300,7 +300,7 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
         template = jax.eval_shape(lambda: init_state(cfg, params, tx))
         state, progress = _restore(ctx, resume_step, template, discarded)
     state = put_replicated(state, mesh)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
+    step_fn = make_train_step(cfg, mesh, tx)
     ctx.token_nll = make_token_nll(cfg.model, mesh)
 
     labels = jax.tree.leaves(param_labels(params, cfg.model.tie_embeddings))

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from golfjax.config import Config
 from golfjax.model import gpt
-from golfjax.optim.build import build_optimizer, clip_grads_by_global_norm
+from golfjax.optim.build import clip_grads_by_global_norm, global_grad_norm
 from golfjax.parallel import replicated, sharded_along
 
 
@@ -31,10 +31,6 @@ class TrainState:
 
 
 jax.tree_util.register_dataclass(TrainState, data_fields=["params", "opt_state"], meta_fields=[])
-
-
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
 
 
 def accumulate_grads(params, cfg: Config, x: jax.Array, y: jax.Array):
@@ -54,8 +50,8 @@ def accumulate_grads(params, cfg: Config, x: jax.Array, y: jax.Array):
 def train_step(state: TrainState, x: jax.Array, y: jax.Array, lr_mul: jax.Array,
                cfg: Config, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     grads, micro_losses = accumulate_grads(state.params, cfg, x, y)
-    grad_norm = global_norm(grads)
-    grads = clip_grads_by_global_norm(grads, cfg.optim.grad_clip_norm)
+    grad_norm = global_grad_norm(grads)
+    grads = clip_grads_by_global_norm(grads, cfg.optim.grad_clip_norm, grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + lr_mul.astype(p.dtype) * u, state.params, updates)
     metrics = {"train_loss": jnp.mean(micro_losses), "micro_losses": micro_losses, "grad_norm": grad_norm}
@@ -66,11 +62,8 @@ def init_state(cfg: Config, params, tx: optax.GradientTransformation) -> TrainSt
     return TrainState(params, tx.init(params))
 
 
-def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | None = None,
-                    params_for_tx=None) -> tuple[Callable, optax.GradientTransformation]:
+def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> Callable:
     """Jit the step for `mesh`: state replicated (and donated), batch split over 'data'."""
-    if tx is None:
-        tx = build_optimizer(params_for_tx, cfg.optim, cfg.model.tie_embeddings)
     rep = replicated(mesh)
     batch = sharded_along(mesh, 1, 3)
     step = jax.jit(
@@ -79,4 +72,4 @@ def make_train_step(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | 
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
-    return step, tx
+    return step

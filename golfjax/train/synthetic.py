@@ -50,6 +50,6 @@ def synthetic_step(cfg: Config, mesh: Mesh, seed: int = 0) -> SyntheticStep:
     params = gpt.init_params(cfg.model, jax.random.PRNGKey(cfg.train.seed))
     tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
     state = put_replicated(init_state(cfg, params, tx), mesh)
-    step_fn, _ = make_train_step(cfg, mesh, tx)
+    step_fn = make_train_step(cfg, mesh, tx)
     compiled = step_fn.lower(state, x, y, jnp.float32(1.0)).compile()
     return SyntheticStep(compiled, state, x, y, int(np.prod(shape)))
