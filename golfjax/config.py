@@ -120,6 +120,45 @@ class ExportConfig:
     # size of train_gpt.py: counted raw, the reference's own 15.82 MB baseline
     # model would not fit. See golfjax.export.artifact.code_bytes.
     code_bytes_mode: str = "compressed"
+    # Quantization rules for the non-reference schemes (golfjax.export.quant.plan_from_config;
+    # the reference scheme int8-zlib ignores them). Bits per tensor role: attention and MLP
+    # matrices, the embedding (tok_emb / lm_head), other large tensors.
+    quant_attn_bits: int = 6
+    quant_mlp_bits: int = 6
+    quant_embed_bits: int = 7
+    quant_other_bits: int = 8
+    # Clip rule: rowmax | percentile (quant_clip_q) | search (GPTQ-lite: the candidate
+    # percentile with the lowest whole-matrix MSE) | sdclip (k * std(row) / (2^(b-1)-1)).
+    quant_clip: str = "sdclip"
+    quant_clip_q: float = 1.0
+    quant_clip_percentiles: str = "0.999,0.9995,0.9999,0.99999,1.0"
+    quant_attn_k: float = 13.0  # SDClip k per role (the TOP record's values)
+    quant_mlp_k: float = 11.5
+    quant_embed_k: float = 14.0
+    quant_other_k: float = 12.85
+    # symmetric: codes in [-(2^(b-1)-1), 2^(b-1)-1] ([-31,31] for int6, R0322+);
+    # full: [-2^(b-1), 2^(b-1)-1] ([-32,31], R0321).
+    quant_int_range: str = "symmetric"
+    quant_passthrough_max_numel: int = 65_536  # float tensors this small stay float16 (controls float32)
+    quant_gate_patterns: str = "attn_gate"  # comma-separated; small 2-D matches are int8 per row
+    quant_pack_bits: bool = False  # bit-pack int-k codes instead of one int8 per code
+    # Full-Hessian GPTQ on attention, MLP and (with quant_gptq_embed) the embedding.
+    quant_gptq: bool = False
+    quant_gptq_embed: bool = True
+    quant_gptq_damp: float = 0.01
+    quant_gptq_block: int = 128
+    quant_gptq_act_order: bool = True
+    # GPTQ calibration: "train" (training batches) or "selfgen" (sampled from the model).
+    quant_calib_source: str = "train"
+    quant_calib_batches: int = 16
+    quant_calib_batch_tokens: int = 65_536
+    quant_calib_seq_len: int = 1024
+    quant_calib_temperature: float = 0.8
+    # LQER: rank-r correction of the quant_lqer_top_k matrices with the largest error (0 = off).
+    quant_lqer_rank: int = 0
+    quant_lqer_top_k: int = 3
+    quant_lqer_asym: bool = True
+    quant_lqer_group: int = 64
 
 
 @dataclass(frozen=True)
