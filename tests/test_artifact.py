@@ -26,7 +26,7 @@ from golfjax.export.artifact import (
     write_artifact,
 )
 from golfjax.export.codec import CODECS
-from golfjax.export.quant import SCHEME_ARRAYS, dequantize_state, quantize_state_int8
+from golfjax.export.quant import REFERENCE_SCHEMES, dequantize_state, quantize_state_int8
 
 SHARED = Path(os.environ.get("GOLFJAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 GOLDEN = SHARED / "golden"
@@ -53,7 +53,7 @@ def state_q():
 
 
 def test_fixture_covers_every_scheme(state_q) -> None:
-    assert {qt.scheme for qt in state_q.tensors.values()} == set(SCHEME_ARRAYS)
+    assert {qt.scheme for qt in state_q.tensors.values()} == set(REFERENCE_SCHEMES)
 
 
 @pytest.mark.parametrize("codec", CODECS)

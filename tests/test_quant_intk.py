@@ -245,3 +245,12 @@ def test_new_schemes_survive_the_artifact(tmp_path) -> None:
         want, got = quant.dequantize_state(sq), quant.dequantize_state(back)
         assert all(np.array_equal(want[n], got[n]) for n in want)
     assert quant.lqer_corrected(state_q) and quant.lqer_corrected(packed_q)
+
+
+def test_every_int_k_scheme_is_registered() -> None:
+    for bits in quant.INT_BITS:
+        for packed in (False, True):
+            for kind in ("", "asym", "sym"):
+                name = quant.intk_scheme(bits, packed, kind)
+                assert name in quant.SCHEME_ARRAYS and name in quant._DEQUANTIZERS
+    assert quant.REFERENCE_SCHEMES < set(quant.SCHEME_ARRAYS)

@@ -460,6 +460,10 @@ def _dequantize_intk(qt: QuantizedTensor) -> np.ndarray:
     return out
 
 
+# The reference exporter's schemes (quantize_state_int8 produces exactly these).
+REFERENCE_SCHEMES: frozenset[str] = frozenset(SCHEME_ARRAYS)
+
+
 def _register_intk_schemes() -> None:
     from golfjax.export.lqer import LQER_ARRAYS
 
