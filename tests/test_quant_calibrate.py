@@ -1,0 +1,99 @@
+"""GPTQ calibration: training-stream and self-generated tokens, grams -> reference-named Hessians."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golfjax import sample
+from golfjax.config import Config
+from golfjax.data.shards import write_shard
+from golfjax.export import calibrate
+from golfjax.model import gpt
+
+SEQ = 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    c = Config()
+    cfg = replace(c, model=replace(c.model, vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2),
+                  train=replace(c.train, train_seq_len=SEQ))
+    shapes = jax.eval_shape(lambda k: gpt.init_params(cfg.model, k), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), shapes)
+    return cfg, params
+
+
+def test_train_tokens_are_the_front_of_the_stream(tmp_path) -> None:
+    a, b = np.arange(0, 50, dtype=np.uint16), np.arange(100, 140, dtype=np.uint16)
+    write_shard(tmp_path / "fineweb_train_000000.bin", a)
+    write_shard(tmp_path / "fineweb_train_000001.bin", b)
+    toks = calibrate.calibration_tokens_train(sorted(tmp_path.glob("*.bin")), 75, 10)
+    assert toks.shape == (7, 10) and toks.dtype == np.int32
+    assert np.array_equal(toks.reshape(-1), np.concatenate([a, b])[:70])
+    with pytest.raises(ValueError, match="at least one sequence"):
+        calibrate.calibration_tokens_train(sorted(tmp_path.glob("*.bin")), 5, 10)
+
+
+def test_selfgen_greedy_matches_the_sampler(tiny) -> None:
+    """Temperature 0 must continue each random first token exactly as golfjax.sample's greedy decoding."""
+    cfg, params = tiny
+    toks = calibrate.calibration_tokens_selfgen(params, cfg, num_seqs=3, seq_len=SEQ, temperature=0.0, batch=2)
+    assert toks.shape == (3, SEQ) and toks.dtype == np.int32
+    for row in toks:
+        assert sample.generate(params, cfg, [int(row[0])], SEQ - 1, temperature=0.0) == row[1:].tolist()
+
+
+def test_selfgen_sampling_is_seeded(tiny) -> None:
+    cfg, params = tiny
+    a = calibrate.calibration_tokens_selfgen(params, cfg, 4, SEQ, temperature=0.8, seed=3, batch=2)
+    b = calibrate.calibration_tokens_selfgen(params, cfg, 4, SEQ, temperature=0.8, seed=3, batch=2)
+    c = calibrate.calibration_tokens_selfgen(params, cfg, 4, SEQ, temperature=0.8, seed=4, batch=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() < cfg.model.vocab_size
+    assert len(np.unique(a[:, 0])) > 1  # random first tokens
+    with pytest.raises(ValueError, match="temperature"):
+        calibrate.calibration_tokens_selfgen(params, cfg, 1, SEQ, temperature=-1.0)
+
+
+def test_grams_map_to_reference_names() -> None:
+    g3 = np.stack([np.eye(4) * (i + 1) for i in range(3)])
+    out = calibrate.grams_to_reference({"blocks/attn/c_q/kernel": g3, "tok_emb/embedding": np.eye(5)})
+    assert sorted(out) == ["blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight", "blocks.2.attn.c_q.weight",
+                           "tok_emb.weight"]
+    assert out["blocks.2.attn.c_q.weight"][0, 0] == 3
+    with pytest.raises(ValueError, match="layers, in, in"):
+        calibrate.grams_to_reference({"blocks/mlp/fc/kernel": np.eye(4)})
+
+
+def test_collect_hessians_sums_batches_and_divides_by_tokens(tiny, monkeypatch) -> None:
+    """With a stand-in gram function (the output-side gram of the final hidden states), the
+    accumulation over batches, the normalisation and the naming are exact."""
+    cfg, params = tiny
+
+    def fake_grams(p, model_cfg, tokens):
+        h = gpt.hidden_states(p, model_cfg, tokens).reshape(-1, model_cfg.model_dim).astype(jnp.float32)
+        x = jnp.take(p["tok_emb"]["embedding"], tokens, axis=0).reshape(-1, model_cfg.model_dim)
+        return {"tok_emb/embedding": h.T @ h, "blocks/attn/c_q/kernel": jnp.stack([x.T @ x] * model_cfg.num_layers)}
+
+    monkeypatch.setattr(gpt, "matrix_input_grams", fake_grams, raising=False)
+    tokens = np.random.default_rng(0).integers(0, 64, size=(4, SEQ)).astype(np.int32)
+    hs = calibrate.collect_hessians(params, cfg, tokens, batch=2)
+    assert sorted(hs) == ["blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight", "tok_emb.weight"]
+    h = np.asarray(gpt.hidden_states(params, cfg.model, jnp.asarray(tokens)), np.float64).reshape(-1, 32)
+    assert np.allclose(hs["tok_emb.weight"], h.T @ h / tokens.size, rtol=1e-4, atol=1e-6)
+    assert hs["tok_emb.weight"].dtype == np.float32 and hs["tok_emb.weight"].shape == (32, 32)
+    x = np.asarray(params["tok_emb"]["embedding"], np.float64)[tokens.reshape(-1)]
+    assert np.allclose(hs["blocks.1.attn.c_q.weight"], x.T @ x / tokens.size, rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_source_is_checked(tiny) -> None:
+    cfg, params = tiny
+    bad = replace(cfg, export=replace(cfg.export, quant_calib_source="val"))
+    with pytest.raises(ValueError, match="calibration source"):
+        calibrate.calibration_tokens(params, bad)
