@@ -98,6 +98,33 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     val_batch_size: int = 524_288
+    # Final evaluation (golfjax.eval.evaluator.Evaluator): "plain" (the reference's
+    # non-overlapping windows), "sliding", "ttt" (score-first test-time training over
+    # sliding windows), "sliding+ngram", "ttt+ngram". Periodic validation is always plain.
+    eval_mode: str = "plain"
+    # Window length of sliding/ttt; 0 means train_seq_len.
+    eval_seq_len: int = 0
+    # Each window after the first scores only its last eval_stride positions.
+    eval_stride: int = 64
+    # Windows per forward pass over the whole mesh (rounded up to a multiple of the devices).
+    eval_batch_windows: int = 32
+    # Cut the context at BOS: windows never cross documents (doc i = [BOS_i, BOS_i+1]).
+    eval_doc_isolated: bool = False
+    # Score-first TTT. "full": full-model SGD; "lora" and "phased" are declared, not built.
+    ttt_variant: str = "full"
+    ttt_chunk_tokens: int = 32_768
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_epochs: int = 3
+    # Sequences per TTT step over the whole mesh; training sequence length (0: window length).
+    ttt_batch_seqs: int = 32
+    ttt_seq_len: int = 0
+    # The first k physical blocks are not adapted (embeddings and the rest are).
+    ttt_freeze_blocks: int = 0
+    # Global gradient-norm clip of each TTT step (0: off).
+    ttt_grad_clip: float = 1.0
+    # Chunks per compiled lax.scan call (the progress bar advances per call).
+    ttt_chunks_per_call: int = 8
 
 
 @dataclass(frozen=True)
@@ -318,8 +345,28 @@ def validate(config: Config) -> None:
     from golfjax.profiling import parse_profile_spec
 
     parse_profile_spec(config.train.profile)  # raises with the expected form
+    _validate_eval(config.eval)
     if config.export.code_bytes_mode not in ("raw", "compressed"):
         raise ConfigError(f"code_bytes_mode must be raw or compressed, got {config.export.code_bytes_mode!r}")
+
+
+EVAL_MODES = ("plain", "sliding", "ttt", "sliding+ngram", "ttt+ngram")
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    """Reject evaluation settings that cannot run, with the reason."""
+    if e.eval_mode not in EVAL_MODES:
+        raise ConfigError(f"eval_mode must be one of {'/'.join(EVAL_MODES)}, got {e.eval_mode!r}")
+    if e.eval_seq_len < 0 or e.eval_stride <= 0 or e.eval_batch_windows <= 0:
+        raise ConfigError("eval_seq_len must be >= 0, eval_stride and eval_batch_windows positive")
+    if e.eval_seq_len and e.eval_stride > e.eval_seq_len:
+        raise ConfigError(f"eval_stride={e.eval_stride} exceeds eval_seq_len={e.eval_seq_len}")
+    if e.ttt_variant not in ("full", "lora", "phased"):
+        raise ConfigError(f"ttt_variant must be full, lora or phased, got {e.ttt_variant!r}")
+    if e.ttt_chunk_tokens <= 0 or e.ttt_epochs < 0 or e.ttt_batch_seqs <= 0 or e.ttt_chunks_per_call <= 0:
+        raise ConfigError("ttt_chunk_tokens, ttt_batch_seqs, ttt_chunks_per_call must be positive, ttt_epochs >= 0")
+    if e.ttt_seq_len < 0 or e.ttt_freeze_blocks < 0 or e.ttt_grad_clip < 0:
+        raise ConfigError("ttt_seq_len, ttt_freeze_blocks and ttt_grad_clip must be >= 0")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -1,0 +1,174 @@
+"""The single evaluation entry point: `Evaluator(cfg, mesh, tables).evaluate(params, tokens)`.
+
+Used by the training loop's final evaluation, `scripts/evaluate.py` and the
+artifact scorer. `cfg.eval.eval_mode` picks the procedure:
+
+- plain: the reference's non-overlapping windows (`golfjax.eval.plain`); the
+  stream is cut to whole sequences plus one token, as the reference does;
+- sliding: `golfjax.eval.sliding` over the whole stream (the tail that plain
+  drops is scored too, and `tokens_scored` says so);
+- ttt: score-first TTT (`golfjax.eval.ttt`) over the same windows;
+- sliding+ngram / ttt+ngram: the same with `golfjax.eval.ngram`'s PositionMix.
+
+Bytes: a per-position byte vector is built once by `position_bytes` through
+`golfjax.eval.bpb` (or given: the CaseOps sidecar) and summed at the scored
+positions, so every mode counts bytes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from jax.sharding import Mesh
+
+from golfjax.config import Config
+from golfjax.data.tokenizer import ByteTables
+from golfjax.eval import bpb
+from golfjax.eval.mix import PositionMix
+from golfjax.eval.plain import evaluate_config
+from golfjax.eval.sliding import document_segments, evaluate_windows, flat_segments, make_windows
+
+# Label of the reference-format lines per mode (`<label>_exact val_loss:... val_bpb:...`).
+LABELS = {"plain": "final_eval", "sliding": "final_sliding_window", "ttt": "legal_ttt",
+          "sliding+ngram": "final_sliding_window_ngram", "ttt+ngram": "legal_ttt_ngram"}
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    mode: str
+    val_loss: float
+    val_bpb: float
+    tokens_scored: int
+    bytes: int
+    seconds: dict = field(default_factory=dict)
+    # Facts that explain the numbers: stream targets, windows, chunks, stride, ...
+    info: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "val_loss": self.val_loss, "val_bpb": self.val_bpb,
+                "tokens_scored": self.tokens_scored, "bytes": self.bytes,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                **{k: v for k, v in self.info.items() if k != "per_position"}}
+
+    def lines(self) -> list[str]:
+        """The reference's log lines, then one JSON summary."""
+        label = LABELS[self.mode]
+        ms = 1000.0 * self.seconds.get("total", 0.0)
+        return [f"{label} val_loss:{self.val_loss:.4f} val_bpb:{self.val_bpb:.4f} eval_time:{ms:.0f}ms",
+                f"{label}_exact val_loss:{self.val_loss:.8f} val_bpb:{self.val_bpb:.8f}",
+                json.dumps(self.as_dict())]
+
+
+def position_bytes(tokens: np.ndarray, tables: ByteTables) -> np.ndarray:
+    """bytes[p] of target tokens[p] after tokens[p-1] (bytes[0] = 0), from golfjax.eval.bpb."""
+    arr = np.asarray(tokens).reshape(-1)
+    out = np.zeros(len(arr), np.int64)
+    if len(arr) > 1:
+        out[1:] = bpb.target_bytes(arr[:-1], arr[1:], tables)
+    return out
+
+
+def plain_truncation(n_tokens: int, seq_len: int) -> int:
+    """Tokens the reference keeps: whole sequences plus the one extra target."""
+    return ((n_tokens - 1) // seq_len) * seq_len + 1
+
+
+def load_validation_stream(cfg: Config) -> np.ndarray:
+    """Every validation token, untruncated (the plain mode truncates by itself)."""
+    from golfjax.data.shards import list_shards, read_shard
+
+    files = list_shards(cfg.data.data_path, cfg.data.val_pattern)
+    if not files:
+        raise ValueError(f"no validation shards {cfg.data.val_pattern} in {cfg.data.data_path}")
+    return np.concatenate([np.asarray(read_shard(f)) for f in files])
+
+
+def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
+    """The n-gram PositionMix of `golfjax.eval.ngram` (another module's hook)."""
+    try:
+        from golfjax.eval import ngram
+    except ImportError:
+        raise NotImplementedError("not implemented yet: n-gram blending (golfjax.eval.ngram)") from None
+    if not hasattr(ngram, "build_position_mix"):
+        raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_position_mix")
+    mix = ngram.build_position_mix(cfg, np.asarray(tokens))
+    mix.check(len(tokens))
+    return mix
+
+
+class Evaluator:
+    """One configured evaluation; `evaluate` may be called for several params / streams."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, tables: ByteTables, bos_id: int = 1,
+                 position_bytes_override: np.ndarray | None = None, progress: bool = True):
+        self.cfg, self.mesh, self.tables, self.bos_id = cfg, mesh, tables, bos_id
+        self.bytes_override = position_bytes_override  # CaseOps sidecar: bytes of each position
+        self.progress = progress
+        self.mode = cfg.eval.eval_mode
+        self.seq_len = cfg.eval.eval_seq_len or cfg.train.train_seq_len
+
+    def _bytes(self, tokens: np.ndarray) -> np.ndarray:
+        if self.bytes_override is None:
+            return position_bytes(tokens, self.tables)
+        b = np.asarray(self.bytes_override).astype(np.int64).reshape(-1)
+        if len(b) != len(tokens):
+            raise ValueError(f"byte sidecar has {len(b)} entries, the validation stream {len(tokens)} tokens")
+        return b
+
+    def windows(self, tokens: np.ndarray):
+        """The sliding window table of this config over `tokens`."""
+        e = self.cfg.eval
+        seg = document_segments(tokens, self.bos_id) if e.eval_doc_isolated else flat_segments(len(tokens))
+        return make_windows(seg, self.seq_len, min(e.eval_stride, self.seq_len))
+
+    def evaluate(self, params, tokens: np.ndarray, record: bool = False) -> EvalReport:
+        """Score `params` (already on the mesh) on the validation stream `tokens`.
+
+        With record=True, `info["per_position"]` holds (positions, nll) of every
+        scored target (tests; not for the 62M-token set)."""
+        t_start = time.perf_counter()
+        seconds: dict[str, float] = {}
+        tokens = np.asarray(tokens).reshape(-1)
+        e, base = self.cfg.eval, self.mode.split("+")[0]
+        if base == "plain":
+            kept = plain_truncation(len(tokens), self.cfg.train.train_seq_len)
+            res = evaluate_config(params, self.cfg, tokens[:kept], self.tables, self.mesh, progress=self.progress)
+            seconds["score"] = seconds["total"] = time.perf_counter() - t_start
+            return EvalReport(self.mode, res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds,
+                              {"stream_targets": len(tokens) - 1, "seq_len": self.cfg.train.train_seq_len})
+        t = time.perf_counter()
+        pbytes = self._bytes(tokens)
+        win = self.windows(tokens)
+        seconds["prepare"] = time.perf_counter() - t
+        mix = None
+        if self.mode.endswith("+ngram"):
+            t = time.perf_counter()
+            mix = build_mix(self.cfg, tokens)
+            seconds["ngram_precompute"] = time.perf_counter() - t
+        info = {"stream_targets": len(tokens) - 1, "seq_len": self.seq_len, "stride": min(e.eval_stride, self.seq_len),
+                "doc_isolated": e.eval_doc_isolated, "windows": len(win),
+                "plain_tokens": plain_truncation(len(tokens), self.cfg.train.train_seq_len) - 1}
+        if base == "sliding":
+            t = time.perf_counter()
+            totals = evaluate_windows(params, self.cfg.model, tokens, pbytes, win, self.mesh, e.eval_batch_windows,
+                                      mix=mix, record=record, progress=self.progress)
+            seconds["score"] = time.perf_counter() - t
+        elif base == "ttt":
+            from golfjax.eval.ttt import evaluate_ttt
+
+            totals, plan, _ = evaluate_ttt(params, self.cfg.model, e, tokens, pbytes, win, self.mesh, mix=mix,
+                                           record=record, progress=self.progress, timings=seconds)
+            info.update({"chunks": plan.n_chunks, "trained_chunks": int(plan.train.sum()),
+                         "ttt_epochs": e.ttt_epochs, "ttt_lr": e.ttt_lr})
+        else:
+            raise ValueError(f"unknown eval_mode {self.mode!r}")
+        if totals.tokens != len(tokens) - 1:
+            raise AssertionError(f"{self.mode}: scored {totals.tokens} targets, the stream has {len(tokens) - 1}")
+        val_loss, val_bpb = bpb.loss_and_bpb(totals.nll_sum, totals.tokens, totals.bytes)
+        if record:
+            info["per_position"] = totals.per_position()
+        seconds["total"] = time.perf_counter() - t_start
+        return EvalReport(self.mode, val_loss, val_bpb, totals.tokens, totals.bytes, seconds, info)

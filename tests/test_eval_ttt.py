@@ -1,0 +1,129 @@
+"""Score-first TTT: every target scored once, scored before any adaptation that uses it,
+and with the weights adapted only on earlier chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from golfjax.config import EvalConfig
+from golfjax.eval.sliding import flat_segments, make_windows
+from golfjax.eval.ttt import check_ttt_shapes, plan_chunks
+from tests.test_eval_sliding import SEQ, run, setup  # noqa: F401  (session fixture)
+
+CHUNK = 256
+TTT = dict(eval_mode="ttt", eval_stride=16, ttt_chunk_tokens=CHUNK, ttt_batch_seqs=2, ttt_epochs=2, ttt_lr=0.05,
+           ttt_chunks_per_call=2)
+N = 5 * CHUNK + 70  # 6 chunks, the last one partial
+
+
+def nll_by_position(report, n):
+    pos, nll = report.info["per_position"]
+    out = np.full(n, np.nan)
+    out[pos] = nll
+    return out
+
+
+@pytest.fixture(scope="module")
+def ttt_runs(setup):  # noqa: F811
+    """TTT, TTT on a stream changed from q on, and plain sliding (no adaptation)."""
+    tokens = setup[2][:N].copy()
+    q = 2 * CHUNK + 100  # inside chunk 2
+    changed = tokens.copy()
+    changed[q:] = (changed[q:].astype(np.int64) * 7 + 3) % 1000 + 8
+    ttt = run(setup, tokens, **TTT)
+    ttt_changed = run(setup, changed, **TTT)
+    sliding = run(setup, tokens, eval_mode="sliding", eval_stride=16)
+    return tokens, q, ttt, ttt_changed, sliding
+
+
+def test_ttt_scores_every_target_once_with_the_right_bytes(setup, ttt_runs):  # noqa: F811
+    """(c) count check against the stream length; bytes as the plain sliding evaluator's."""
+    tokens, _, ttt, _, sliding = ttt_runs
+    pos, _ = ttt.info["per_position"]
+    np.testing.assert_array_equal(pos, np.arange(1, len(tokens)))  # once each, in stream order
+    assert ttt.tokens_scored == len(tokens) - 1
+    assert ttt.bytes == sliding.bytes
+    assert ttt.info["chunks"] == 6 and ttt.info["trained_chunks"] == 5
+
+
+def test_first_chunk_is_scored_before_any_adaptation(ttt_runs):
+    """Chunk 0 is scored with the untouched weights (it equals sliding); later chunks are
+    scored with adapted weights (they differ), so adaptation did happen in between."""
+    tokens, _, ttt, _, sliding = ttt_runs
+    a, b = nll_by_position(ttt, len(tokens)), nll_by_position(sliding, len(tokens))
+    np.testing.assert_allclose(a[1 : CHUNK + 1], b[1 : CHUNK + 1], rtol=1e-6, atol=1e-6)
+    later = slice(CHUNK + 1, None)
+    assert np.mean(np.abs(a[later] - b[later])) > 1e-3
+    assert ttt.val_loss != sliding.val_loss
+
+
+def test_no_token_reaches_the_weights_before_it_is_scored(ttt_runs):
+    """(b) Tokens from q (inside chunk 2) on are changed. Every score before q, including
+    chunk 2's own scores before q, is unchanged: chunk 2 was scored before training on it,
+    and no weight used by chunks 0..2 saw a token at or after q. Chunk 3 on changes, since
+    those weights were adapted on the changed chunk 2."""
+    tokens, q, ttt, ttt_changed, _ = ttt_runs
+    a, b = nll_by_position(ttt, len(tokens)), nll_by_position(ttt_changed, len(tokens))
+    np.testing.assert_array_equal(a[1:q], b[1:q])
+    assert np.all(a[3 * CHUNK + 1 :] != b[3 * CHUNK + 1 :])
+
+
+def test_plan_trains_each_chunk_after_scoring_it_and_never_the_last():
+    """Instrumented plan: what chunk c trains on is a subset of what chunks <= c scored."""
+    n = 5 * CHUNK + 70
+    win = make_windows(flat_segments(n), SEQ, 16)
+    plan = plan_chunks(win, n - 1, CHUNK, rows=4)
+    scored = np.zeros(n, bool)
+    for c in range(plan.n_chunks):
+        ids = plan.window_ids[c][plan.window_ids[c] >= 0]
+        lo, hi = plan.chunk_positions(c)
+        touched = [(max(win.scored_lo[w], lo), min(win.scored_hi[w], hi)) for w in ids]
+        for a, b in touched:
+            scored[a : b + 1] = True
+        assert scored[1 : hi + 1].all() and not scored[hi + 1 :].any()
+        trained = plan.trained_positions(c)
+        if trained is not None:
+            assert scored[trained[0] : trained[1] + 1].all()
+    assert plan.train.tolist() == [True] * 5 + [False]
+    assert plan.lr_scale[0] == 1.0 and abs(plan.lr_scale[-1]) < 1e-7
+
+
+def test_full_last_chunk_is_not_trained_and_shapes_are_checked():
+    win = make_windows(flat_segments(2 * CHUNK + 1), SEQ, 16)
+    assert plan_chunks(win, 2 * CHUNK, CHUNK, rows=4).train.tolist() == [True, False]
+    with pytest.raises(ValueError, match="multiple"):
+        check_ttt_shapes(EvalConfig(ttt_chunk_tokens=100), 64)
+    with pytest.raises(ValueError, match="divide"):
+        check_ttt_shapes(EvalConfig(ttt_chunk_tokens=5 * 64, ttt_batch_seqs=2), 64)
+
+
+def test_undeclared_variants_say_not_implemented(setup):  # noqa: F811
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        run(setup, setup[2][:600], **{**TTT, "ttt_variant": "lora"})
+
+
+def test_frozen_blocks_do_not_move(setup):  # noqa: F811
+    """ttt_freeze_blocks=k: the first k physical blocks keep their weights; others adapt."""
+    import jax
+
+    from golfjax.eval.evaluator import Evaluator
+    from golfjax.eval.ttt import evaluate_ttt
+    from golfjax.parallel import make_mesh, put_replicated
+    from tests.test_eval_sliding import eval_config
+
+    sp, tables, tokens, params = setup
+    tokens = tokens[: 2 * CHUNK + 1]
+    cfg = eval_config(**{**TTT, "ttt_freeze_blocks": 1})
+    mesh = make_mesh(jax.devices()[:1])
+    ev = Evaluator(cfg, mesh, tables, progress=False)
+    from golfjax.eval.evaluator import position_bytes
+
+    _, _, adapted = evaluate_ttt(put_replicated(params, mesh), cfg.model, cfg.eval, tokens,
+                                 position_bytes(tokens, tables), ev.windows(tokens), mesh, progress=False)
+    for before, after in zip(jax.tree.leaves(params["blocks"]), jax.tree.leaves(adapted["blocks"])):
+        np.testing.assert_array_equal(np.asarray(after)[0], np.asarray(before)[0])
+    moved = [np.abs(np.asarray(a)[1] - np.asarray(b)[1]).max() for b, a in
+             zip(jax.tree.leaves(params["blocks"]), jax.tree.leaves(adapted["blocks"]))]
+    assert max(moved) > 0
+    assert np.abs(np.asarray(adapted["tok_emb"]["embedding"]) - params["tok_emb"]["embedding"]).max() > 0
