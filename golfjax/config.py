@@ -186,6 +186,14 @@ class ExportConfig:
     quant_lqer_top_k: int = 3
     quant_lqer_asym: bool = True
     quant_lqer_group: int = 64
+    # Payload codec; "" = the scheme's own. A codec spec (zlib, zstd, brotli, lzma,
+    # none, or shuffleN+CODEC for a byte shuffle first) or "pergroup" (streams by
+    # tensor role, the smallest of pergroup_codecs each; see golfjax.export.artifact).
+    codec: str = ""
+    # Per-group mode: reorder the rows of the hot groups (tok_emb, attn.c_q, mlp.fc)
+    # by a greedy L1 nearest-neighbour chain; "" candidates = codec.PERGROUP_CANDIDATES.
+    pergroup_reorder: bool = True
+    pergroup_codecs: str = ""
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,12 @@ def rewrite_header(path: Path, mutate) -> None:
         (lambda h: h["tensors"][0].update(scheme="int3_magic"), "unknown scheme 'int3_magic'"),
         (lambda h: h["tensors"][0]["arrays"]["q"].update(offset=10**9), "outside the"),
         (lambda h: h["tensors"][0]["arrays"]["q"].update(shape=[3]), "does not match dtype"),
-        (lambda h: h.update(codec="gzip"), "unknown codec 'gzip'"),
-        (lambda h: h.update(format_version=2), "format_version"),
+        (lambda h: h["streams"][0].update(codec="gzip"), "unknown codec 'gzip'"),
+        (lambda h: h.update(format_version=artifact.FORMAT_VERSION + 1), "format_version"),
+        (lambda h: h["streams"][0].update(offset=1), "does not lie where the stream table says"),
+        (lambda h: h["streams"][0].update(raw_bytes=1), "header declares 1"),
+        (lambda h: h.update(streams=[]), "no stream table"),
+        (lambda h: h["tensors"][0]["arrays"]["q"].update(stream="tok_emb"), "unknown stream 'tok_emb'"),
     ],
 )
 def test_bad_header_fields_are_refused(written: Path, mutate, message: str) -> None:
