@@ -52,7 +52,11 @@ def _quant_api(*names: str) -> Any:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named quantization plan + codec. ``rules``: group -> QuantRule kwargs (None: reference int8)."""
+    """A named quantization plan + codec.
+
+    ``rules``: role (attn, mlp, embed, other) -> QuantRule kwargs; None is the
+    reference int8 exporter. ``plan_options``: QuantPlan fields (LQER).
+    """
 
     name: str
     codec: str
@@ -72,9 +76,12 @@ class Recipe:
             return _quant_api("plan_from_config").plan_from_config(cfg.export)
         if self.rules is None:
             return None
-        quant = _quant_api("QuantRule", "QuantPlan", "quantize_state")
+        quant = _quant_api("QuantRule", "QuantPlan", "quantize_state", "plan_from_config")
         groups = {group: quant.QuantRule(**rule) for group, rule in self.rules.items()}
-        return quant.QuantPlan(**groups, **self.plan_options)
+        # The recipe fixes the rules and LQER; the rest (passthrough threshold, gates,
+        # GPTQ damping/blocks, bit packing) comes from the config's quant_* fields.
+        base = quant.plan_from_config(cfg.export) if cfg is not None else quant.QuantPlan()
+        return replace(base, **groups, **{"lqer_rank": 0, **self.plan_options})
 
     def quantize(self, state: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray] | None = None,
                  cfg: Config | None = None) -> tuple[QuantizedState, dict]:
