@@ -113,3 +113,20 @@ def test_state_gptq_uses_the_output_side_hessian_for_the_tied_embedding() -> Non
         assert output_rms(hidden, w, g[name]) < 0.85 * output_rms(hidden, w, rtn[name]), name
     with pytest.raises(ValueError, match="no calibration Hessian"):
         quant.quantize_state(state, gptq_plan, {"tok_emb.weight": h})
+
+
+def test_untied_input_embedding_is_rounded_not_gptqd() -> None:
+    """Untied, tok_emb is a lookup table (no input activations); lm_head carries the output-side Hessian."""
+    rng = np.random.default_rng(9)
+    d = 96
+    state = {"tok_emb.weight": (rng.standard_normal((700, d)) * 0.05).astype(np.float32),
+             "lm_head.weight": (rng.standard_normal((700, d)) * 0.05).astype(np.float32)}
+    hidden = calibration(cols=d, seed=10)
+    h = hidden.T.astype(np.float64) @ hidden / len(hidden)
+    plan = QuantPlan(embed=QuantRule(bits=6, gptq=True))
+    state_q, _ = quant.quantize_state(state, plan, {"lm_head.weight": h})
+    rtn = quant.quantize_tensor(state["tok_emb.weight"], QuantRule(bits=6))
+    assert np.array_equal(state_q.tensors["tok_emb.weight"].arrays["q"], rtn.arrays["q"])
+    head_rtn = quant.dequantize_tensor(quant.quantize_tensor(state["lm_head.weight"], QuantRule(bits=6)))
+    head = quant.dequantize_tensor(state_q.tensors["lm_head.weight"])
+    assert output_rms(hidden, state["lm_head.weight"], head) < output_rms(hidden, state["lm_head.weight"], head_rtn)

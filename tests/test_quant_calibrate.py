@@ -97,3 +97,10 @@ def test_calibration_source_is_checked(tiny) -> None:
     bad = replace(cfg, export=replace(cfg.export, quant_calib_source="val"))
     with pytest.raises(ValueError, match="calibration source"):
         calibrate.calibration_tokens(params, bad)
+
+
+def test_train_calibration_without_shards_says_what_to_do(tiny, tmp_path) -> None:
+    cfg, params = tiny
+    empty = replace(cfg, data=replace(cfg.data, data_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="quant_calib_source=selfgen"):
+        calibrate.calibration_tokens(params, empty)

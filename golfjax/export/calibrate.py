@@ -156,9 +156,13 @@ def calibration_tokens(params, cfg: Config, train_files: Sequence[str | Path] | 
         return calibration_tokens_selfgen(params, cfg, max(num_tokens // seq_len, 1), seq_len,
                                           e.quant_calib_temperature, seed=cfg.train.seed)
     if train_files is None:
-        from golfjax.data.shards import list_shards
+        from golfjax.data.shards import ShardError, list_shards
 
-        train_files = list_shards(cfg.data.data_path, cfg.data.train_pattern)
+        try:
+            train_files = list_shards(cfg.data.data_path, cfg.data.train_pattern)
+        except ShardError as exc:
+            raise ValueError(f"GPTQ calibration from training data: {exc}; set data.data_path, "
+                             "or calibrate on sampled text with export.quant_calib_source=selfgen") from None
     return calibration_tokens_train(train_files, num_tokens, seq_len)
 
 

@@ -15,6 +15,7 @@ of openai/parameter-golf ``train_gpt.py``) reproduced bit for bit, including
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -543,7 +544,8 @@ def quantize_state(state: Mapping[str, np.ndarray], plan: QuantPlan,
 
     ``hessians`` maps a reference name to its input Hessian (cols, cols) (for
     the tied ``tok_emb.weight``: the output-side Hessian of the final norm's
-    output); every tensor whose rule has ``gptq`` needs one. LQER then corrects
+    output); every tensor whose rule has ``gptq`` needs one, except an untied
+    input embedding (a lookup table), which is rounded to nearest. LQER then corrects
     the ``plan.lqer_top_k`` quantized matrices with the largest ||W - W_hat||_F,
     each only if the correction lowers that error.
     """
@@ -559,6 +561,8 @@ def quantize_state(state: Mapping[str, np.ndarray], plan: QuantPlan,
             tensors[name] = _passthrough(name, t)
             continue
         rule = plan.rule(tensor_role(name))
+        if rule.gptq and name == "tok_emb.weight" and "lm_head.weight" in state:
+            rule = dataclasses.replace(rule, gptq=False)  # untied: a lookup table, no input to calibrate on
         if rule.gptq and name not in hessians:
             raise ValueError(f"GPTQ rule for {name!r} but no calibration Hessian for it")
         try:
