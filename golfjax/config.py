@@ -197,6 +197,28 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class NgramConfig:
+    # Causal n-gram blended into evaluation (golfjax.eval.ngram): "off" (the
+    # reference), "interp" (lam * p_nn + (1 - lam) * Witten-Bell n-gram) or
+    # "tilt" (A2's hint-token tilt). The n-gram only ever counts scored tokens.
+    ngram_mode: str = "off"
+    # Context lengths: "1,2,3,4" or "start:stop:step" (A2's tilt: "8:16:2").
+    ngram_orders: str = "1,2,3,4"
+    ngram_lambda: float = 0.9
+    ngram_base_beta: float = 2.0
+    ngram_agree_bonus: float = 0.1
+
+
+@dataclass(frozen=True)
+class CaseOpsConfig:
+    # The data is CaseOps-transformed (golfjax.data.caseops): bytes come from the
+    # validation byte sidecar (fineweb_val_bytes_*.bin) instead of the tokenizer's
+    # byte tables. With it on, val_pattern must not match the sidecar shards.
+    caseops_enabled: bool = False
+    val_bytes_pattern: str = "fineweb_val_bytes_*.bin"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -204,6 +226,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    caseops: CaseOpsConfig = field(default_factory=CaseOpsConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))

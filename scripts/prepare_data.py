@@ -4,6 +4,8 @@
   python scripts/prepare_data.py tokenizer docs.jsonl --vocab-size 1024 --out-prefix data/tokenizers/mine_1024_bpe
   python scripts/prepare_data.py fineweb --variant sp1024 --train-shards 10 --out data
   python scripts/prepare_data.py cpu-track --shared ../shared/data --out data/cpu_track
+  python scripts/prepare_data.py caseops-tokenizer docs.jsonl --vocab-size 8192 --out-prefix data/tokenizers/mine_caseops
+  python scripts/prepare_data.py caseops docs.jsonl --tokenizer data/tokenizers/mine_caseops.model --out data/mine_caseops --num-val-docs 20
 """
 
 from __future__ import annotations
@@ -90,7 +92,54 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--out", default="data/cpu_track", help="output directory (default %(default)s)")
     cpu.add_argument("--threads", type=int, default=None, help="SentencePiece encoding threads (default: all cores)")
     cpu.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cot = sub.add_parser(
+        "caseops-tokenizer",
+        help="train a SentencePiece BPE on the CaseOps transform of the documents, operators reserved",
+    )
+    _add_inputs(cot)
+    cot.add_argument("--vocab-size", type=int, required=True)
+    cot.add_argument("--out-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    cot.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    cot.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
+
+    co = sub.add_parser(
+        "caseops",
+        help="CaseOps shards: transformed tokens plus the validation byte sidecar fineweb_val_bytes_*.bin",
+    )
+    _add_inputs(co)
+    co.add_argument("--tokenizer", required=True, help="a CaseOps SentencePiece .model (caseops-tokenizer)")
+    co.add_argument("--out", required=True, help="output directory for the shards")
+    co.add_argument("--num-val-docs", type=int, required=True,
+                    help=f"the first N documents form the validation split (the challenge uses {prepare.NUM_VAL_DOCS})")
+    co.add_argument("--shard-size", type=int, default=prepare.SHARD_SIZE, help="tokens per shard")
+    co.add_argument("--vocab-size", type=int, default=None, help="refuse a tokenizer of another size")
+    co.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def run_caseops_tokenizer(args: argparse.Namespace) -> None:
+    docs = prepare.read_documents(args.inputs, args.txt_split)
+    model = prepare.train_caseops_tokenizer(docs, args.vocab_size, args.out_prefix,
+                                            max_docs=args.max_docs, verbose=args.verbose)
+    sp = load_tokenizer(model, args.vocab_size)
+    from golfjax.data import caseops
+    ids = ", ".join(f"U+{ord(op):04X}={sp.piece_to_id(op)}" for op in caseops.OPERATORS)
+    print(f"wrote {model} (vocab_size {sp.vocab_size()}, operators {ids})")
+
+
+def run_caseops(args: argparse.Namespace) -> None:
+    sp = load_tokenizer(args.tokenizer, args.vocab_size)
+    docs = prepare.read_documents(args.inputs, args.txt_split)
+    summary = prepare.tokenize_caseops_to_shards(docs, sp, args.out, args.num_val_docs, args.shard_size,
+                                                 progress=not args.quiet)
+    print(
+        f"wrote CaseOps shards to {summary['out_dir']}: val {summary['docs_val']} docs / "
+        f"{summary['tokens_val']:,} tokens / {summary['bytes_val']:,} original bytes "
+        f"({summary['files_val']} token + {summary['files_val_bytes']} sidecar file(s)), "
+        f"train {summary['docs_train']} docs / {summary['tokens_train']:,} tokens"
+    )
+    print("evaluate with --set caseops.caseops_enabled=true --set data.val_pattern='fineweb_val_[0-9]*.bin'")
 
 
 def run_text(args: argparse.Namespace) -> None:
@@ -162,7 +211,8 @@ def run_cpu_track(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"text": run_text, "tokenizer": run_tokenizer, "fineweb": run_fineweb, "cpu-track": run_cpu_track}
+    commands = {"text": run_text, "tokenizer": run_tokenizer, "fineweb": run_fineweb, "cpu-track": run_cpu_track,
+                "caseops-tokenizer": run_caseops_tokenizer, "caseops": run_caseops}
     try:
         commands[args.command](args)
     except (prepare.PrepareError, TokenizerError, ShardError, OSError) as e:

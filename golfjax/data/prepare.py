@@ -146,7 +146,7 @@ class _ShardWriter:
         self.split = "val"
         self.chunks: list[np.ndarray] = []
         self.fill = 0
-        self.counts = {"val": 0, "train": 0}
+        self.counts = {"val": 0, "train": 0, "val_bytes": 0}
         self.written: list[str] = []
 
     def add(self, split: str, tokens: np.ndarray) -> None:
@@ -246,6 +246,113 @@ def tokenize_documents_to_shards(
     }
 
 
+# ---------------------------------------------------------------- CaseOps shards
+
+
+def tokenize_caseops_to_shards(
+    docs: Iterable[str],
+    sp: spm.SentencePieceProcessor,
+    out_dir: str | Path,
+    num_val_docs: int,
+    shard_size: int = SHARD_SIZE,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """CaseOps shards: `[BOS] + sp.encode(caseops.encode(text))` per document, plus the
+    validation byte sidecar `fineweb_val_bytes_NNNNNN.bin` (one uint16 per validation
+    token, the original UTF-8 bytes it stands for; BOS 0), cut at the same places as
+    the validation token shards.
+
+    Every validation document's sidecar total is checked against the UTF-8 length
+    of its original text before anything is written for it.
+    """
+    from golfjax.data import caseops
+
+    if num_val_docs < 0:
+        raise PrepareError(f"num_val_docs must be >= 0, got {num_val_docs}")
+    if shard_size <= 0:
+        raise PrepareError(f"shard_size must be positive, got {shard_size}")
+    try:
+        caseops.check_tokenizer(sp)
+    except caseops.CaseOpsError as e:
+        raise PrepareError(str(e)) from None
+    bos = int(sp.bos_id())
+    if bos < 0:
+        raise PrepareError("the tokenizer has no BOS id; every document must start with BOS")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for pattern in SHARD_PATTERNS for p in out.glob(pattern)]
+    for p in stale:
+        p.unlink()
+    tokens_w = _ShardWriter(out, shard_size)
+    bytes_w = _ShardWriter(out, shard_size)
+    docs_n = {"val": 0, "train": 0}
+    tokens_n = {"val": 0, "train": 0}
+    val_bytes = 0
+    with tqdm(desc=f"CaseOps tokenizing into {out}", unit="doc", disable=not progress) as bar:
+        for text in docs:
+            split = "val" if docs_n["val"] < num_val_docs else "train"
+            if split == "val":
+                ids, counts = caseops.encode_document(sp, text)
+                expected = len(text.encode("utf-8"))
+                if int(counts.sum()) != expected or (counts.size and int(counts.max()) > caseops.MAX_SIDECAR_BYTES):
+                    raise PrepareError(
+                        f"validation document {docs_n['val']}: sidecar bytes {int(counts.sum())} differ from its "
+                        f"UTF-8 length {expected} (or a token exceeds uint16)"
+                    )
+                bytes_w.add("val_bytes", np.concatenate([[0], counts]).astype(np.int64))
+                val_bytes += expected
+            else:
+                ids = np.asarray(sp.encode(caseops.encode(text), out_type=int), dtype=np.int64)
+            tokens = np.empty(len(ids) + 1, dtype=np.int64)
+            tokens[0] = bos
+            tokens[1:] = ids
+            tokens_w.add(split, tokens)
+            docs_n[split] += 1
+            tokens_n[split] += len(tokens)
+            bar.update(1)
+    tokens_w.flush()
+    bytes_w.flush()
+    if docs_n["val"] < num_val_docs:
+        for name in tokens_w.written + bytes_w.written:
+            (out / name).unlink()
+        raise PrepareError(
+            f"only {docs_n['val']} documents were given, fewer than num_val_docs={num_val_docs}; "
+            "the validation split would be short and there would be no training split"
+        )
+    return {
+        "out_dir": str(out),
+        "transform": caseops.TRANSFORM_NAME,
+        "docs_val": docs_n["val"],
+        "docs_train": docs_n["train"],
+        "tokens_val": tokens_n["val"],
+        "tokens_train": tokens_n["train"],
+        "bytes_val": val_bytes,
+        "files_val": tokens_w.counts["val"],
+        "files_train": tokens_w.counts["train"],
+        "files_val_bytes": bytes_w.counts["val_bytes"],
+        "shards": tokens_w.written + bytes_w.written,
+        "removed_stale_shards": len(stale),
+    }
+
+
+def train_caseops_tokenizer(
+    docs: Iterable[str], vocab_size: int, out_prefix: str | Path, **kwargs: Any
+) -> Path:
+    """`train_tokenizer` on the CaseOps forms of `docs`, with the four operators reserved
+    as user-defined symbols (ids 4..7 after pad/bos/eos/unk), so each is always one token."""
+    from golfjax.data import caseops
+
+    settings = {"user_defined_symbols": list(caseops.OPERATORS)}
+    model = train_tokenizer(caseops.transformed_documents(docs), vocab_size, out_prefix,
+                            extra_settings=settings, **kwargs)
+    try:
+        caseops.check_tokenizer(load_tokenizer(model))
+    except caseops.CaseOpsError as e:
+        raise TokenizerError(str(e)) from None
+    return model
+
+
 # ---------------------------------------------------------------- tokenizers
 
 
@@ -267,11 +374,13 @@ def train_tokenizer(
     max_docs: int | None = None,
     max_sentence_length: int | None = None,
     verbose: bool = False,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Train a SentencePiece BPE with the challenge exporter's settings; return the .model path.
 
-    `max_sentence_length` None keeps SentencePiece's default (4192 bytes), as
-    the exporter does: longer documents are left out of training. The result
+    `extra_settings` adds SentencePiece trainer options (CaseOps reserves its
+    operators as user_defined_symbols). `max_sentence_length` None keeps
+    SentencePiece's default (4192 bytes), as the exporter does: longer documents are left out of training. The result
     is refused (and deleted) if it lacks the "▁" piece or has fewer pieces than
     asked for (hard_vocab_limit=False lets a small corpus shrink the vocab,
     and VOCAB_SIZE must equal the tokenizer's).
@@ -282,7 +391,7 @@ def train_tokenizer(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     for p in outputs:
         p.unlink(missing_ok=True)
-    settings = dict(EXPORTER_TRAINER_SETTINGS, vocab_size=vocab_size, model_prefix=str(prefix))
+    settings = dict(EXPORTER_TRAINER_SETTINGS, **(extra_settings or {}), vocab_size=vocab_size, model_prefix=str(prefix))
     if max_sentence_length is not None:
         settings["max_sentence_length"] = max_sentence_length
     limit = max_sentence_length or SP_DEFAULT_MAX_SENTENCE_LENGTH

@@ -110,3 +110,38 @@ def decoded_utf8_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> in
         first = runs.pop(0).tolist()
         total += len(sp.decode([head] + first).encode("utf-8")) - len(sp.decode([head]).encode("utf-8"))
     return total + _decoded_len(sp, runs)
+
+
+# ---------------------------------------------------------------- CaseOps byte sidecar
+
+
+def sidecar_target_bytes(sidecar: np.ndarray, target_positions: np.ndarray) -> np.ndarray:
+    """Bytes of the targets at these stream positions, read from a CaseOps byte sidecar (int64).
+
+    With CaseOps the tokens spell the transformed text, so the byte tables would
+    count the wrong text: the sidecar (`golfjax.data.caseops`) holds, per token
+    of the validation stream, the UTF-8 bytes of the *original* text it stands
+    for. It replaces `target_bytes` (no predecessor rule: a token's leading
+    space is inside its own count). `target_positions` index the same stream
+    as the sidecar (the target of x[i] is at global position i + 1).
+    """
+    side = np.asarray(sidecar)
+    pos = np.asarray(target_positions)
+    if pos.size and not np.issubdtype(pos.dtype, np.integer):
+        raise ValueError(f"target_positions must be integers, got dtype {pos.dtype}")
+    if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= len(side)):
+        raise ValueError(
+            f"target positions [{int(pos.min())}, {int(pos.max())}] fall outside the sidecar's {len(side)} entries"
+        )
+    return side[pos].astype(np.int64)
+
+
+def sidecar_count_bytes(sidecar: np.ndarray, target_positions: np.ndarray) -> int:
+    """Total sidecar bytes of a batch of scored targets."""
+    return int(sidecar_target_bytes(sidecar, target_positions).sum())
+
+
+def sidecar_stream_bytes(sidecar: np.ndarray) -> int:
+    """Bytes of tokens[1:] of a flat stream scored after its first token (the sidecar of tokens[0] is not a target)."""
+    side = np.asarray(sidecar).reshape(-1)
+    return int(side[1:].astype(np.int64).sum())

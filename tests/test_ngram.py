@@ -1,0 +1,196 @@
+"""The causal n-gram mixer: normalised distributions, prefix-only counts, stream-order scoring."""
+
+import numpy as np
+import pytest
+
+from golfjax.config import Config
+from golfjax.eval import ngram as ng
+
+V = 6
+
+
+def _stream(n: int = 400, seed: int = 0) -> np.ndarray:
+    """A small stream with repeats, so high orders see their contexts again."""
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, V, n)
+    if n >= 200:
+        t[120:200] = t[20:100]
+    if n >= 340:
+        t[300:340] = t[20:60]
+    return t
+
+
+def _tilt_spec(orders=(2, 3, 4)) -> ng.NgramSpec:
+    return ng.NgramSpec(mode="tilt", orders=orders, base_beta=2.0, agree_bonus=0.1,
+                        min_confidence=(0.5,) * len(orders), min_count=(2,) * len(orders))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _brute_counts(tokens, k, p):
+    """(ctx, joint, types, best, best_count) of order k at p from tokens[:p], by hand."""
+    if p < k:
+        return 0, 0, 0, -1, 0
+    ctx = tuple(tokens[p - k : p])
+    seen: dict[int, int] = {}
+    n = best_count = 0
+    best = -1
+    for q in range(k, p):
+        if tuple(tokens[q - k : q]) == ctx:
+            n += 1
+            seen[tokens[q]] = seen.get(tokens[q], 0) + 1
+            if seen[tokens[q]] > best_count:
+                best, best_count = tokens[q], seen[tokens[q]]
+    return n, seen.get(tokens[p], 0), len(seen), best, best_count
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_counts_are_those_of_the_prefix(k):
+    t = [int(x) for x in _stream(250)]
+    c = ng.order_counts(np.array(t), k, with_best=True)
+    for p in range(len(t)):
+        got = (c.ctx[p], c.joint[p], c.types[p], c.best[p], c.best_count[p])
+        assert got == _brute_counts(t, k, p), (k, p)
+
+
+@pytest.mark.parametrize("orders", [(1,), (1, 2), (1, 2, 3), (2, 4, 6)])
+def test_witten_bell_is_normalised_and_matches_the_slow_model(orders):
+    t = _stream()
+    p_target = ng.witten_bell_target_prob(t, orders, V)
+    # positions before any context exists, unseen contexts, and long repeats
+    for p in [1, 2, 3, 7, 25, 130, 199, 320, 399]:
+        dist = ng.witten_bell_distribution(t, p, orders, V)
+        assert dist.min() > 0
+        assert dist.sum() == pytest.approx(1.0, abs=1e-12)
+        assert p_target[p] == pytest.approx(dist[t[p]], rel=1e-12)
+
+
+def _vectorised_distribution(t: np.ndarray, p: int, orders) -> np.ndarray:
+    """The fast path's probability of every token at p, by substituting each as the target."""
+    out = np.empty(V)
+    for y in range(V):
+        u = t.copy()
+        u[p] = y
+        out[y] = ng.witten_bell_target_prob(u, orders, V)[p]
+    return out
+
+
+def test_hash_collisions_keep_the_distribution_normalised(monkeypatch):
+    t = _stream(200)
+    monkeypatch.setattr(ng, "context_hashes", lambda tokens, order: np.zeros(len(tokens) - order, np.uint64))
+    for p in [5, 50, 150]:  # every context collides with every other one
+        assert _vectorised_distribution(t, p, (1, 2, 3)).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_interp_blend_sums_to_one_and_scores_its_target():
+    t = _stream()
+    rng = np.random.default_rng(1)
+    logp = _log_softmax(rng.normal(size=(len(t), V)) * 2)
+    spec = ng.NgramSpec(mode="interp", orders=(1, 2, 3), lam=0.7)
+    mixer = ng.NgramMixer(spec, t, V)
+    pos = np.arange(1, len(t))
+    nll_nn = -logp[pos, t[pos]]
+    mixed = mixer.score(pos, nll_nn)
+    for p in [1, 4, 60, 150, 399]:
+        full = 0.7 * np.exp(logp[p]) + 0.3 * ng.witten_bell_distribution(t, p, (1, 2, 3), V)
+        assert full.sum() == pytest.approx(1.0, abs=1e-12)
+        assert mixed[p - 1] == pytest.approx(-np.log(full[t[p]]), rel=1e-10)
+
+
+def test_tilt_is_normalised_and_matches_its_nll_formula():
+    t = _stream()
+    rng = np.random.default_rng(2)
+    logp = _log_softmax(rng.normal(size=(len(t), V)) * 2)
+    mixer = ng.NgramMixer(_tilt_spec(), t, V)
+    pos = np.arange(1, len(t))
+    hint = mixer.hint_ids(pos)
+    mixed = mixer.score(pos, -logp[pos, t[pos]], logp[pos, hint])
+    hinted = mixer.hints.token[pos] >= 0
+    assert hinted.any() and (~hinted).any()  # both kinds of positions are exercised
+    assert (mixer.hints.token[pos][hinted] == t[pos][hinted]).any()  # some hints are right
+    for i, p in enumerate(pos):
+        tilted = np.exp(logp[p]).copy()
+        if mixer.hints.token[p] >= 0:
+            tilted[mixer.hints.token[p]] *= np.exp(mixer.hints.beta[p])
+        tilted /= tilted.sum()
+        assert mixed[i] == pytest.approx(-np.log(tilted[t[p]]), rel=1e-9, abs=1e-12)
+    assert np.all(mixer.hints.beta[pos][~hinted] == 0)
+
+
+def test_tilt_hint_is_the_best_token_of_the_highest_passing_order():
+    t = _stream()
+    spec = _tilt_spec()
+    hints = ng.tilt_hints(t, spec)
+    tl = [int(x) for x in t]
+    for p in range(len(t)):
+        want, conf = -1, 0.0
+        for k, mc, mn in zip(spec.orders, spec.min_confidence, spec.min_count):
+            n, _, _, best, bc = _brute_counts(tl, k, p)
+            if n >= mn and n and bc / n >= mc:
+                want, conf = best, bc / n
+        assert hints.token[p] == want, p
+        if want >= 0:
+            assert hints.beta[p] >= spec.base_beta * conf - 1e-12
+
+
+@pytest.mark.parametrize("spec", [ng.NgramSpec(mode="interp", orders=(1, 2, 3, 4), lam=0.5), _tilt_spec((1, 2, 3))],
+                         ids=["interp", "tilt"])
+def test_no_score_depends_on_a_later_token(spec):
+    t = _stream()
+    rng = np.random.default_rng(3)
+    logp = _log_softmax(rng.normal(size=(len(t), V)))
+    pos = np.arange(1, len(t))
+
+    def scores(tokens):
+        mixer = ng.NgramMixer(spec, tokens, V)
+        return mixer.score(pos, -logp[pos, tokens[pos]], logp[pos, mixer.hint_ids(pos)])
+
+    base = scores(t)
+    for cut in [10, 150, 320]:
+        u = t.copy()
+        u[cut:] = rng.integers(0, V, len(t) - cut)
+        assert not np.array_equal(u[cut:], t[cut:])
+        other = scores(u)
+        np.testing.assert_array_equal(other[: cut - 1], base[: cut - 1])  # targets before `cut`
+        assert not np.array_equal(other[cut - 1 :], base[cut - 1 :])
+
+
+def test_mixer_scores_each_target_once_in_stream_order():
+    t = _stream()
+    mixer = ng.NgramMixer(ng.NgramSpec(mode="interp", orders=(1, 2)), t, V)
+    mixer.score(np.arange(1, 50), np.ones(49))
+    with pytest.raises(ValueError, match="stream order"):
+        mixer.score(np.arange(40, 60), np.ones(20))  # rescoring
+    with pytest.raises(ValueError, match="stream order"):
+        mixer.score(np.array([60, 55]), np.ones(2))  # out of order
+    out = mixer.score(np.array([60, 90]), np.ones(2))  # gaps are fine (already-scored or skipped tokens)
+    assert out.shape == (2,)
+    tilt = ng.NgramMixer(_tilt_spec(), t, V)
+    with pytest.raises(ValueError, match="logp_hint"):
+        tilt.score(np.arange(1, 5), np.ones(4))
+
+
+def test_lambda_one_is_the_network_alone():
+    t = _stream()
+    mixer = ng.NgramMixer(ng.NgramSpec(mode="interp", orders=(1, 2), lam=1.0), t, V)
+    nll = np.linspace(0.1, 3, len(t) - 1)
+    np.testing.assert_array_equal(mixer.score(np.arange(1, len(t)), nll), nll)
+
+
+def test_config_section_builds_the_mixer():
+    cfg = Config()
+    assert cfg.ngram.ngram_mode == "off" and ng.build_mixer(cfg.ngram, _stream(), V) is None
+    from dataclasses import replace
+
+    tilt = replace(cfg.ngram, ngram_mode="tilt", ngram_orders="8:16:2")
+    spec = ng.spec_from_config(tilt)
+    assert spec.orders == (8, 10, 12, 14, 16)
+    assert spec.min_confidence == (0.7, 0.7, 0.6, 0.5, 0.5) and spec.min_count == (3, 3, 2, 2, 2)
+    assert isinstance(ng.build_mixer(replace(cfg.ngram, ngram_mode="interp"), _stream(), V), ng.NgramMixer)
+    with pytest.raises(ValueError, match="unknown n-gram mode"):
+        ng.spec_from_config(replace(cfg.ngram, ngram_mode="ppm"))
+    with pytest.raises(ValueError, match="orders"):
+        ng.spec_from_config(replace(cfg.ngram, ngram_mode="interp", ngram_orders="3,2"))
