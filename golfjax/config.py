@@ -198,10 +198,10 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class NgramConfig:
-    # Causal n-gram blended into evaluation (golfjax.eval.ngram): "off" (the
-    # reference), "interp" (lam * p_nn + (1 - lam) * Witten-Bell n-gram) or
-    # "tilt" (A2's hint-token tilt). The n-gram only ever counts scored tokens.
-    ngram_mode: str = "off"
+    # The causal n-gram of eval modes "sliding+ngram" / "ttt+ngram" (golfjax.eval.ngram;
+    # other modes ignore this section): "interp" (lam * p_nn + (1 - lam) * Witten-Bell
+    # n-gram) or "tilt" (A2's hint-token tilt). It only ever counts earlier tokens.
+    ngram_mode: str = "interp"
     # Context lengths: "1,2,3,4" or "start:stop:step" (A2's tilt: "8:16:2").
     ngram_orders: str = "1,2,3,4"
     ngram_lambda: float = 0.9

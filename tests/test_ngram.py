@@ -181,16 +181,101 @@ def test_lambda_one_is_the_network_alone():
 
 
 def test_config_section_builds_the_mixer():
-    cfg = Config()
-    assert cfg.ngram.ngram_mode == "off" and ng.build_mixer(cfg.ngram, _stream(), V) is None
     from dataclasses import replace
 
-    tilt = replace(cfg.ngram, ngram_mode="tilt", ngram_orders="8:16:2")
-    spec = ng.spec_from_config(tilt)
+    cfg = Config()
+    assert cfg.ngram.ngram_mode == "interp" and cfg.eval.eval_mode == "plain"  # the n-gram is off by default
+    assert isinstance(ng.build_mixer(cfg.ngram, _stream(), V), ng.NgramMixer)
+    spec = ng.spec_from_config(replace(cfg.ngram, ngram_mode="tilt", ngram_orders="8:16:2"))
     assert spec.orders == (8, 10, 12, 14, 16)
     assert spec.min_confidence == (0.7, 0.7, 0.6, 0.5, 0.5) and spec.min_count == (3, 3, 2, 2, 2)
-    assert isinstance(ng.build_mixer(replace(cfg.ngram, ngram_mode="interp"), _stream(), V), ng.NgramMixer)
     with pytest.raises(ValueError, match="unknown n-gram mode"):
         ng.spec_from_config(replace(cfg.ngram, ngram_mode="ppm"))
     with pytest.raises(ValueError, match="orders"):
         ng.spec_from_config(replace(cfg.ngram, ngram_mode="interp", ngram_orders="3,2"))
+
+
+@pytest.mark.parametrize("spec", [ng.NgramSpec(mode="interp", orders=(1, 2, 3), lam=0.6), _tilt_spec()],
+                         ids=["interp", "tilt"])
+def test_position_mix_combine_equals_the_host_mixer(spec):
+    """The Evaluator's device-side hook gives the host mixer's NLLs (float32 tolerance)."""
+    import jax.numpy as jnp
+
+    t = _stream()
+    rng = np.random.default_rng(4)
+    logp = _log_softmax(rng.normal(size=(len(t), V)) * 2).astype(np.float32)
+    mix = ng.position_mix_from_spec(spec, t, V)
+    mix.check(len(t))
+    pos = np.arange(1, len(t))
+    nll = -logp[pos, t[pos]]
+    qlogp = np.take_along_axis(logp[pos], mix.query_ids[pos], axis=-1)
+    side = {k: jnp.asarray(v[pos]) for k, v in mix.side.items()}
+    got = np.asarray(mix.combine(jnp.asarray(nll), jnp.asarray(qlogp), side, jnp.asarray(t[pos], jnp.int32)))
+    mixer = ng.NgramMixer(spec, t, V)
+    want = mixer.score(pos, nll, logp[pos, mixer.hint_ids(pos)])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- through the Evaluator
+
+
+def _evaluate(tokens, mode, ngram_mode, params=None):
+    import jax
+    from dataclasses import replace
+
+    from golfjax.config import ModelConfig
+    from golfjax.data.tokenizer import ByteTables
+    from golfjax.eval.evaluator import Evaluator
+    from golfjax.model import gpt
+    from golfjax.parallel import make_mesh, put_replicated
+
+    vocab = 32
+    model = ModelConfig(vocab_size=vocab, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1,
+                        compute_dtype="float32")
+    c = Config()
+    cfg = replace(c, model=model, train=replace(c.train, train_seq_len=32),
+                  eval=replace(c.eval, eval_mode=mode, eval_stride=8, eval_batch_windows=4),
+                  ngram=replace(c.ngram, ngram_mode=ngram_mode, ngram_orders="1,2,3" if ngram_mode == "interp" else "2:4:1"))
+    tables = ByteTables(np.ones(vocab, np.int16), np.zeros(vocab, bool), np.zeros(vocab, bool))
+    mesh = make_mesh(jax.devices()[:1])
+    params = gpt.init_params(model, jax.random.PRNGKey(0))
+    ev = Evaluator(cfg, mesh, tables, bos_id=1, progress=False)
+    return ev.evaluate(put_replicated(params, mesh), tokens, record=True), cfg
+
+
+def _repetitive_stream() -> np.ndarray:
+    """A 50-token phrase said six times with a few changes: contexts recur often enough for
+    A2's gates (count >= 3) and the n-gram has something to predict."""
+    rng = np.random.default_rng(5)
+    t = np.tile(rng.integers(2, 32, 50), 6)
+    flip = rng.random(len(t)) < 0.05
+    t[flip] = rng.integers(2, 32, int(flip.sum()))
+    return t
+
+
+@pytest.fixture(scope="module")
+def sliding_baseline():
+    return _evaluate(_repetitive_stream(), "sliding", "interp")[0]
+
+
+@pytest.mark.parametrize("ngram_mode", ["interp", "tilt"])
+def test_evaluator_ngram_mode_is_the_host_mix_of_sliding_and_causal(ngram_mode, sliding_baseline):
+    t = _repetitive_stream()
+    mixed, cfg = _evaluate(t, "sliding+ngram", ngram_mode)
+    pos, nll = sliding_baseline.info["per_position"]
+    mpos, mnll = mixed.info["per_position"]
+    np.testing.assert_array_equal(pos, mpos)
+    mixer = ng.build_mixer(cfg.ngram, t, 32)
+    if ngram_mode == "interp":
+        np.testing.assert_allclose(mnll, mixer.score(pos, nll), rtol=2e-5, atol=2e-6)
+    else:  # the report has no hint log-probs: positions without a hint must be the network's
+        no_hint = mixer.hints.token[pos] < 0
+        assert 10 < no_hint.sum() < len(pos) - 10
+        np.testing.assert_allclose(mnll[no_hint], nll[no_hint], rtol=1e-6)
+    assert mixed.bytes == sliding_baseline.bytes
+    assert mixed.val_loss < sliding_baseline.val_loss - 0.1  # the repeats are predictable
+    # causality: changing the tokens from 200 on leaves every earlier score unchanged
+    u = t.copy()
+    u[200:] = (u[200:] + 1) % 30 + 2
+    other, _ = _evaluate(u, "sliding+ngram", ngram_mode)
+    np.testing.assert_array_equal(other.info["per_position"][1][:199], mnll[:199])

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODES = ("off", "interp", "tilt")
+MODES = ("interp", "tilt")
 _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (golden ratio); wraps mod 2**64
 
 
@@ -52,7 +52,7 @@ class NgramSpec:
         context's count and the context count it needs.
     """
 
-    mode: str = "off"
+    mode: str = "interp"
     orders: tuple[int, ...] = (1, 2, 3, 4)
     lam: float = 0.9
     base_beta: float = 2.0
@@ -63,8 +63,6 @@ class NgramSpec:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown n-gram mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode == "off":
-            return
         if not self.orders or any(k < 1 for k in self.orders) or list(self.orders) != sorted(set(self.orders)):
             raise ValueError(f"n-gram orders must be distinct increasing integers >= 1, got {self.orders}")
         if not 0.0 <= self.lam <= 1.0:
@@ -335,8 +333,6 @@ class NgramMixer:
     """
 
     def __init__(self, spec: NgramSpec, tokens: np.ndarray, vocab_size: int):
-        if spec.mode == "off":
-            raise ValueError("NgramMixer needs mode 'interp' or 'tilt'")
         tokens = np.asarray(tokens)
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
             raise ValueError(f"token ids outside [0, {vocab_size}) for the n-gram")
@@ -389,8 +385,8 @@ class NgramMixer:
 
 def spec_from_config(ng) -> NgramSpec:
     """NgramSpec from the config's `ngram` section (golfjax.config.NgramConfig)."""
-    if ng.ngram_mode == "off":
-        return NgramSpec(mode="off")
+    if ng.ngram_mode not in ("interp", "tilt"):
+        raise ValueError(f"unknown n-gram mode {ng.ngram_mode!r} (ngram.ngram_mode): choose interp or tilt")
     orders = parse_orders(ng.ngram_orders)
     conf, count = a2_thresholds(orders)
     return NgramSpec(
@@ -399,7 +395,59 @@ def spec_from_config(ng) -> NgramSpec:
     )
 
 
-def build_mixer(ng, tokens: np.ndarray, vocab_size: int) -> NgramMixer | None:
-    """The mixer a config asks for over the validation stream, or None when n-gram is off."""
-    spec = spec_from_config(ng)
-    return None if spec.mode == "off" else NgramMixer(spec, tokens, vocab_size)
+def build_mixer(ng, tokens: np.ndarray, vocab_size: int) -> NgramMixer:
+    """The host-side mixer a config's `ngram` section asks for over the validation stream."""
+    return NgramMixer(spec_from_config(ng), tokens, vocab_size)
+
+
+# ---------------------------------------------------------------- the Evaluator's hook (golfjax.eval.mix)
+
+
+@dataclass(frozen=True)
+class InterpCombine:
+    """Device-side interp: -log(lam p_nn(y) + (1 - lam) p_ng(y)); hashable so the scorer compiles once."""
+
+    lam: float
+
+    def __call__(self, nll, query_logp, side, targets):
+        import jax.numpy as jnp
+
+        if self.lam >= 1.0:
+            return nll
+        log_ng = side["log_p_ng"]
+        if self.lam <= 0.0:
+            return -log_ng
+        return -jnp.logaddexp(math.log(self.lam) - nll, math.log1p(-self.lam) + log_ng)
+
+
+@dataclass(frozen=True)
+class TiltCombine:
+    """Device-side A2 tilt: NLL + log(1 + p_hint (e^beta - 1)) - beta [y = hint]."""
+
+    def __call__(self, nll, query_logp, side, targets):
+        import jax.numpy as jnp
+
+        beta = side["beta"]
+        p_hint = jnp.exp(jnp.minimum(query_logp[..., 0], 0.0))
+        is_hint = (targets == side["hint"]).astype(nll.dtype)
+        return nll + jnp.log1p(p_hint * jnp.expm1(beta)) - beta * is_hint
+
+
+def position_mix_from_spec(spec: NgramSpec, tokens: np.ndarray, vocab_size: int):
+    """A `golfjax.eval.mix.PositionMix` over the stream: per-position arrays from prefix-only counts."""
+    from golfjax.eval.mix import PositionMix
+
+    tokens = np.asarray(tokens).reshape(-1)
+    mixer = NgramMixer(spec, tokens, vocab_size)
+    n = len(tokens)
+    if spec.mode == "interp":
+        side = {"log_p_ng": np.log(mixer.p_ng).astype(np.float32)}
+        return PositionMix(np.zeros((n, 0), np.int32), side, InterpCombine(float(spec.lam)))
+    hint = mixer.hints.token.astype(np.int32)
+    side = {"beta": mixer.hints.beta.astype(np.float32), "hint": hint}
+    return PositionMix(np.maximum(hint, 0)[:, None], side, TiltCombine())
+
+
+def build_position_mix(cfg, tokens: np.ndarray):
+    """The Evaluator's n-gram hook (modes "sliding+ngram" / "ttt+ngram"): cfg.ngram over `tokens`."""
+    return position_mix_from_spec(spec_from_config(cfg.ngram), tokens, cfg.model.vocab_size)
