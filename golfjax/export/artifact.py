@@ -394,13 +394,19 @@ def _tensor(streams: dict[str, bytes], entry: Any, where: str) -> tuple[str, Qua
     return name, QuantizedTensor(scheme, dtype, _shape(entry.get("shape"), where), arrays)
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[dict, QuantizedState, dict]:
-    """Read and verify an artifact: (run config, quantized state, header)."""
+def read_streams(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """The verified header and every decompressed stream (what inspectors look at)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     header, payload = _verified_header_and_payload(path, path.read_bytes())
-    streams = _decoded_streams(path, header, payload)
+    return header, _decoded_streams(path, header, payload)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, QuantizedState, dict]:
+    """Read and verify an artifact: (run config, quantized state, header)."""
+    path = Path(path)
+    header, streams = read_streams(path)
     if sum(len(raw) for raw in streams.values()) != header["payload"].get("raw_bytes"):
         raise ArtifactError(f"{path}: streams hold {sum(map(len, streams.values()))} bytes, header declares "
                             f"{header['payload'].get('raw_bytes')!r}")

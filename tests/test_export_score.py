@@ -1,0 +1,109 @@
+"""A grader's view: train -> artifact -> scripts/score.py gives the training run's own final BPB, exactly.
+
+One tiny run (2 layers, 6 steps, on the golden FineWeb shards) exports with a
+non-reference recipe and the per-group codec, so the exactness covers int6
+quantization, row reordering and transposed streams; the inspector and the
+exporter's other recipes are run on the same run's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TOKENIZER_1024, require
+
+TINY = ["model.vocab_size=1024", "model.num_layers=2", "model.model_dim=64", "model.num_heads=4",
+        "model.num_kv_heads=2", "train.train_seq_len=64", "train.train_batch_tokens=2048", "train.iterations=6",
+        "train.warmdown_iters=2", "train.val_loss_every=0", "train.train_log_every=0", "train.max_wallclock_seconds=0", "eval.val_batch_size=8192",
+        "optim.muon_momentum_warmup_steps=2",
+        "export.scheme=int6-brotli", "export.codec=pergroup", "export.pergroup_codecs=zlib,shuffle2+zlib,lzma",
+        "export.quant_passthrough_max_numel=1000"]
+
+
+def run(args: list[str], cwd=REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_run(golden_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("score") / "run"
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    proc = run([str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "smoke.py"), *sets, "--set", f"data.data_path={golden_shards}",
+                "--set", f"data.tokenizer_path={require(TOKENIZER_1024)}", "--run-dir", str(run_dir)])
+    return run_dir, proc.stdout
+
+
+def test_score_reproduces_the_training_runs_bpb_exactly(trained_run):
+    run_dir, log = trained_run
+    printed = [line for line in log.splitlines() if line.startswith("final_int8_zlib_roundtrip_exact")]
+    assert len(printed) == 1
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["event"] == "final"
+
+    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf")]))
+    assert out["val_bpb"] == final["roundtrip_val_bpb"] and out["val_loss"] == final["roundtrip_val_loss"]
+    assert printed[0] == f"final_int8_zlib_roundtrip_exact val_loss:{out['val_loss']:.8f} val_bpb:{out['val_bpb']:.8f}"
+    assert out["scheme"] == "int6-brotli" and out["codec"] == "pergroup" and out["mode"] == "plain"
+    assert out["model_bytes"] == (run_dir / "final_model.golf").stat().st_size
+    assert out["total_bytes"] == out["model_bytes"] + out["code_bytes"] == final["artifact_bytes"] and out["fits"]
+
+
+def test_inspector_accounts_for_every_payload_byte(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    png = tmp_path / "bytes.png"
+    proc = run([str(REPO / "scripts" / "inspect_artifact.py"), str(run_dir / "final_model.golf"),
+                "--sort", "bytes", "--plot", str(png)])
+    out = last_json(proc)
+    rows = {r["name"]: r for r in out["tensors"]}
+    payload = sum(s["compressed_bytes"] for s in out["streams"])
+    assert abs(sum(r["bytes"] for r in rows.values()) - payload) <= len(rows)  # rounding only
+    assert out["model_bytes"] == payload + out["header_bytes"]
+    assert rows["blocks.0.mlp.fc.weight"]["bits"] == 6 and rows["tok_emb.weight"]["bits"] == 8
+    assert rows["blocks.0.attn_scale"]["bits"] == 32  # control tensors stay float32
+    assert rows["tok_emb.weight"]["stream"] == "tok_emb"
+    assert [r["bytes"] for r in out["tensors"]] == sorted((r["bytes"] for r in out["tensors"]), reverse=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tok_emb.weight" in proc.stdout and "stream:tok_emb" in proc.stdout
+
+
+@pytest.mark.parametrize("scheme", ["int8-zlib", "int6-zstd"])
+def test_export_recipes_from_the_runs_checkpoint(trained_run, tmp_path, scheme):
+    run_dir, _ = trained_run
+    out = last_json(run([str(REPO / "scripts" / "export.py"), "--checkpoint", str(run_dir / "checkpoint"),
+                         "--out", str(tmp_path / "m.golf"), "--scheme", scheme]))
+    assert out["scheme"] == scheme and out["model_bytes"] == (tmp_path / "m.golf").stat().st_size
+    assert out["total_bytes"] == out["model_bytes"] + out["code_bytes"]
+    assert out["codec"] == "pergroup"  # the run's export.codec travels with its config
+
+
+@pytest.mark.parametrize("script", ["score.py", "inspect_artifact.py"])
+def test_tampered_artifact_is_one_error_line(tmp_path, script):
+    import numpy as np
+
+    from golfjax.export.artifact import write_artifact
+    from golfjax.export.quant import quantize_state_int8
+
+    path = tmp_path / "m.golf"
+    write_artifact(path, quantize_state_int8({"w": np.ones((4, 4), np.float32)})[0], {})
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x10
+    path.write_bytes(bytes(blob))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GOLFJAX_DEBUG")}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {path}: payload checksum mismatch (sha256): "
+                                                "the file is corrupted or was modified"]
