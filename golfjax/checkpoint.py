@@ -3,7 +3,7 @@
 A run directory holds two kinds:
 
     checkpoints/<step>/     the whole training state after <step> steps (the last K kept):
-        state/              orbax StandardSave of {params, opt_state} as a nested dict
+        state/              orbax StandardSave of {params, opt_state, avg} as a nested dict (avg: EMA/SWA, empty when off)
         meta/               JSON: step, consumed train_ms, stop_after, loader position,
                             training shards, size of metrics.jsonl, seed, why it was saved
         config/             JSON: the resolved config (golfjax.config.to_dict)
@@ -408,6 +408,9 @@ def find_training_checkpoint(directory: str | Path) -> tuple[TrainCheckpoints, i
 def load_model(directory: str | Path) -> tuple[Config, Any]:
     """(config, params as host arrays) from a params-only checkpoint or a training checkpoint.
 
+    From a training checkpoint of a run with EMA/SWA the params are the averaged ones
+    (what that run would evaluate and export at this step).
+
     `directory` may be `<run>/checkpoint` (config.json + params/), a run directory
     (its latest checkpoints/<step>), `<run>/checkpoints` or `<run>/checkpoints/<step>`.
     """
@@ -429,4 +432,6 @@ def load_model(directory: str | Path) -> tuple[Config, Any]:
     checkpoints, step = find_training_checkpoint(directory)
     _, cfg = checkpoints.read_meta(step)
     state = checkpoints.restore_state(step, abstract_train_state(cfg))
-    return cfg, state.params
+    from golfjax.train.averaging import averaged_params
+
+    return cfg, averaged_params(state.avg, state.params)[0]  # EMA/SWA weights when the run averages

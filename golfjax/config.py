@@ -64,6 +64,20 @@ class OptimConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0
+    # MuonEq-R: each row of the Nesterov update divided by its L2 norm before NS.
+    muon_row_normalize: bool = False
+    # NS starts from G / (muon_ns_safety * |G|_F + eps); modded-nanogpt's Polar Express uses 1.02.
+    muon_ns_safety: float = 1.0
+    # Decoupled weight decay p <- p * (1 - lr * wd), lr = the group's base LR times the
+    # schedule multiplier: Muon matrices, the token embedding, the scalar/control group
+    # and an untied head.
+    muon_wd: float = 0.0
+    embed_wd: float = 0.0
+    adam_wd: float = 0.0
+    head_wd: float = 0.0
+    # Parallel Muon: orthogonalise each layer stack split over the data axis, then
+    # all-gather (same results as the replicated computation).
+    muon_sharded_ns: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,21 @@ class TrainConfig:
     resume: bool = False
     # "START:STOP": trace steps START..STOP-1 with jax.profiler into <run_dir>/profile.
     profile: str = ""
+    # The later LR schedule (R0405 on): with warmdown_frac > 0 the multiplier is
+    # max((1 - f) / warmdown_frac, min_lr) once the training fraction f (of the wall-clock
+    # budget minus gptq_reserve_seconds, else of the iterations) passes 1 - warmdown_frac.
+    # 0 keeps the reference's warmdown_iters rule (min_lr floors it too).
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
+    # Seconds cut from max_wallclock_seconds for training (the records' GPTQ Hessian time).
+    gptq_reserve_seconds: float = 0.0
+    # Weight averaging in float32, applied to the params that are finally evaluated and
+    # exported. EMA from step 0: ema <- d * ema + (1 - d) * w after every step (0: off).
+    ema_decay: float = 0.0
+    # SWA: the mean of snapshots taken every swa_every steps while the LR multiplier is
+    # below swa_start_frac (0: off). With EMA on too, the snapshots are of the EMA weights.
+    swa_every: int = 0
+    swa_start_frac: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +162,11 @@ class DataConfig:
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     train_pattern: str = "fineweb_train_*.bin"
     val_pattern: str = "fineweb_val_*.bin"
+    # Training token order: "sequential" (the reference stream), "shuffled" (random
+    # windows, a new permutation every epoch), "stride" (windows visited with a stride
+    # coprime to their count), "packed" (sequences start at a document's BOS and hold
+    # whole documents; segment boundaries are the BOS tokens). All deterministic from the seed.
+    data_order: str = "sequential"
 
 
 @dataclass(frozen=True)
@@ -378,6 +412,9 @@ def validate(config: Config) -> None:
 
     parse_profile_spec(config.train.profile)  # raises with the expected form
     _validate_eval(config.eval)
+    from golfjax.train.options import check_training_options
+
+    check_training_options(config)
     if config.export.code_bytes_mode not in ("raw", "compressed"):
         raise ConfigError(f"code_bytes_mode must be raw or compressed, got {config.export.code_bytes_mode!r}")
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from golfjax.config import OptimConfig
 from golfjax.model.naming import is_control_tensor
@@ -65,13 +66,22 @@ def label_groups(labels: Any) -> dict[str, list[str]]:
     return groups
 
 
-def _adam(cfg: OptimConfig, lr: float) -> optax.GradientTransformation:
+def _decayed(direction: optax.GradientTransformation, lr: float, wd: float) -> optax.GradientTransformation:
+    """-lr * (direction + wd * p): after the step's `lr_mul` scaling this is torch's decoupled
+    decay p <- p * (1 - lr_mul*lr*wd) followed by the update. wd = 0 adds no op (bit-exact baseline)."""
+    if wd == 0.0:
+        return optax.chain(direction, optax.scale(-lr))
+    return optax.chain(direction, optax.add_decayed_weights(wd), optax.scale(-lr))
+
+
+def _adam(cfg: OptimConfig, lr: float, wd: float = 0.0) -> optax.GradientTransformation:
     # optax: (m/bc1) / (sqrt(v/bc2) + eps); torch.optim.Adam: (lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps).
     # Equal formulas (sqrt(v/bc2) = sqrt(v)/sqrt(bc2)); they differ only in rounding.
-    return optax.chain(optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps), optax.scale(-lr))
+    return _decayed(optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps), lr, wd)
 
 
-def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool) -> optax.GradientTransformation:
+def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool,
+                    mesh: Mesh | None = None) -> optax.GradientTransformation:
     """The reference optimizer split as one optax transformation.
 
     Update contract: the returned updates already include each group's BASE
@@ -80,6 +90,8 @@ def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool) -> opta
     (`lr_multiplier`) before `optax.apply_updates`. Every group's update is
     proportional to its lr, so this equals the reference's lr = base_lr * lr_mul.
     Muon's momentum warmup lives in the Muon state's own step count.
+    Weight decay (muon_wd, embed_wd, adam_wd, head_wd) is decoupled, scaled by
+    the same lr. `mesh` is used by `muon_sharded_ns` (ignored without it).
     """
     if cfg.muon_ns_dtype not in _NS_DTYPES:
         raise ValueError(f"muon_ns_dtype must be one of {sorted(_NS_DTYPES)}, got {cfg.muon_ns_dtype!r}")
@@ -91,12 +103,15 @@ def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool) -> opta
         ns_steps=cfg.muon_backend_steps,
         ns_coeffs=cfg.muon_ns_coeffs,
         ns_dtype=_NS_DTYPES[cfg.muon_ns_dtype],
+        row_norm=cfg.muon_row_normalize,
+        ns_safety=cfg.muon_ns_safety,
+        shard_mesh=mesh if cfg.muon_sharded_ns else None,
     )
     transforms = {
-        "muon": optax.chain(muon, optax.scale(-cfg.matrix_lr)),
-        "scalar": _adam(cfg, cfg.scalar_lr),
-        "embed": _adam(cfg, cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr),
-        "head": _adam(cfg, cfg.head_lr),
+        "muon": _decayed(muon, cfg.matrix_lr, cfg.muon_wd),
+        "scalar": _adam(cfg, cfg.scalar_lr, cfg.adam_wd),
+        "embed": _adam(cfg, cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr, cfg.embed_wd),
+        "head": _adam(cfg, cfg.head_lr, cfg.head_wd),
     }
     used = set(jax.tree.leaves(labels))
     return optax.partition({g: tx for g, tx in transforms.items() if g in used}, labels)
@@ -125,14 +140,39 @@ def clip_grads_by_global_norm(grads: Any, max_norm: float, total: jax.Array | No
 
 
 def lr_multiplier(
-    step: int, elapsed_ms: float, iterations: int, warmdown_iters: int, max_wallclock_seconds: float
+    step: int, elapsed_ms: float, iterations: int, warmdown_iters: int, max_wallclock_seconds: float,
+    warmdown_frac: float = 0.0, min_lr: float = 0.0, reserve_seconds: float = 0.0,
 ) -> float:
-    """The reference's `lr_mul`: linear warmdown to 0 over the last warmdown_iters.
+    """The schedule's `lr_mul`, host-side (the wall clock is not traceable).
 
-    Without a wall-clock cap the warmdown is counted in iterations; with one, it
-    covers the time the last warmdown_iters steps are predicted to take at the
-    average step time so far. Host-side: the wall clock is not traceable.
+    warmdown_frac = 0 is the reference: a linear warmdown to 0 over the last
+    warmdown_iters, counted in iterations without a wall-clock cap, and with one
+    over the time those steps are predicted to take at the average step time so
+    far. warmdown_frac > 0 is the records' later rule (R0405 on): with training
+    fraction f = elapsed / (cap - reserve_seconds) (or step / iterations without
+    a cap), lr_mul = (1 - f) / warmdown_frac once f >= 1 - warmdown_frac.
+    Either way `min_lr` floors the result (the records' MIN_LR).
     """
+    return max(_warmdown(step, elapsed_ms, iterations, warmdown_iters, max_wallclock_seconds,
+                         warmdown_frac, reserve_seconds), min_lr)
+
+
+def training_budget_ms(max_wallclock_seconds: float, reserve_seconds: float = 0.0) -> float:
+    """The training loop's time budget: the cap minus the reserve (<= 0: no cap)."""
+    if max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * max(max_wallclock_seconds - reserve_seconds, 0.0)
+
+
+def _warmdown(step: int, elapsed_ms: float, iterations: int, warmdown_iters: int,
+              max_wallclock_seconds: float, warmdown_frac: float, reserve_seconds: float) -> float:
+    budget_ms = training_budget_ms(max_wallclock_seconds, reserve_seconds)
+    if warmdown_frac > 0:
+        if max_wallclock_seconds > 0:
+            frac = elapsed_ms / max(budget_ms, 1e-9)
+        else:
+            frac = step / max(iterations, 1)
+        return max((1.0 - frac) / warmdown_frac, 0.0) if frac >= 1.0 - warmdown_frac else 1.0
     if warmdown_iters <= 0:
         return 1.0
     if max_wallclock_seconds <= 0:
@@ -142,5 +182,5 @@ def lr_multiplier(
         return 1.0
     step_ms = elapsed_ms / max(step, 1)
     warmdown_ms = warmdown_iters * step_ms
-    remaining_ms = max(1000.0 * max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(budget_ms - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0

@@ -11,12 +11,13 @@ back afterwards. The orientation matters bit-for-bit for square matrices
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Coefficients = tuple[tuple[float, float, float], ...]
 
@@ -24,6 +25,16 @@ Coefficients = tuple[tuple[float, float, float], ...]
 # shorter than the number of steps reuses its last row for the remaining steps.
 NS_COEFFICIENTS: dict[str, Coefficients] = {
     "standard": ((3.4445, -4.7750, 2.0315),) * 5,
+    # Polar Express (Amsel et al. 2025): per-iteration minimax quintics, as the
+    # 2026-04-23 and TOP records use them with 5 steps. The records slice the
+    # table (more than 5 steps still run 5); here extra steps reuse the last row.
+    "polar_express": (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
 }
 
 
@@ -56,6 +67,7 @@ def newton_schulz(
     coeffs: str | Sequence[Sequence[float]] = "standard",
     eps: float = 1e-7,
     dtype: jnp.dtype = jnp.bfloat16,
+    safety: float = 1.0,
 ) -> jax.Array:
     """Approximately orthogonalise the trailing (rows, cols) matrices of `G`.
 
@@ -64,7 +76,8 @@ def newton_schulz(
     elementwise op is computed in float32 with Python-float coefficients kept in
     float32 (a bf16 multiply would round 3.4445 to 3.4375) and rounded to
     bfloat16 once; matmuls take bfloat16 inputs and accumulate in float32.
-    Returns an array of `dtype`.
+    `safety` > 1 divides by `safety * norm` (modded-nanogpt's Polar Express uses
+    1.02) so that no singular value starts above 1. Returns an array of `dtype`.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {G.shape}")
@@ -80,6 +93,8 @@ def newton_schulz(
 
     X = G.astype(dtype)
     norm = rnd(jnp.sqrt(jnp.sum(jnp.square(up(X)), axis=(-2, -1), keepdims=True)))
+    if safety != 1.0:
+        norm = rnd(up(norm) * safety)
     X = rnd(up(X) / up(rnd(up(norm) + eps)))
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:
@@ -108,6 +123,7 @@ def orthogonalized_direction(
     coeffs: str | Sequence[Sequence[float]] = "standard",
     eps: float = 1e-7,
     dtype: jnp.dtype = jnp.bfloat16,
+    safety: float = 1.0,
 ) -> jax.Array:
     """Muon's direction for a Flax kernel (..., in, out), leading axes = layers.
 
@@ -119,10 +135,41 @@ def orthogonalized_direction(
     if update.ndim < 2:
         raise ValueError(f"Muon needs (..., in, out) kernels, got shape {update.shape}")
     fan_in, fan_out = update.shape[-2], update.shape[-1]
-    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype)
+    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype, safety)
     scale = math.sqrt(max(1.0, fan_out / fan_in))
     scaled = _rounder(jnp.dtype(dtype))(ortho.astype(jnp.float32) * scale)
     return jnp.swapaxes(scaled, -1, -2).astype(update.dtype)
+
+
+def row_normalize(update: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """MuonEq-R: divide each reference row (output unit) by its L2 norm, clamped at `eps`.
+
+    A Flax kernel (..., in, out) holds the reference's rows as its columns, so
+    the norm runs over the `in` axis (-2). Computed in float32, as the records do.
+    """
+    norms = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32)), axis=-2, keepdims=True))
+    return update / jnp.maximum(norms, eps).astype(update.dtype)
+
+
+def sharded_over_layers(fn: Callable[[jax.Array], jax.Array], x: jax.Array, mesh: Mesh,
+                        axis: str = "data") -> jax.Array:
+    """`fn` (a per-matrix map) of a stack (L, ...) with the L matrices split over `axis`.
+
+    The records' Parallel Muon: each device orthogonalises its share of the
+    matrices and the results are all-gathered. The stack is zero-padded to a
+    multiple of the axis size (a zero matrix orthogonalises to zero and is cut
+    off again). Per matrix the arithmetic is the replicated one's.
+    """
+    n = mesh.shape[axis]
+    if x.ndim < 3 or n == 1:
+        return fn(x)
+    layers = x.shape[0]
+    pad = (-layers) % n
+    if pad:
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    x = lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axis)))
+    out = lax.with_sharding_constraint(fn(x), NamedSharding(mesh, PartitionSpec()))
+    return out[:layers]
 
 
 class ScaleByMuonState(NamedTuple):
@@ -139,6 +186,9 @@ def scale_by_muon(
     ns_coeffs: str | Sequence[Sequence[float]] = "standard",
     ns_dtype: jnp.dtype = jnp.bfloat16,
     eps: float = 1e-7,
+    row_norm: bool = False,
+    ns_safety: float = 1.0,
+    shard_mesh: Mesh | None = None,
 ) -> optax.GradientTransformation:
     """The reference Muon direction (no learning rate: chain `optax.scale(-lr)`).
 
@@ -146,6 +196,8 @@ def scale_by_muon(
     correction), Nesterov input `g + m*buf`, then `orthogonalized_direction`.
     `m` follows the reference warmup from this transform's own step count, so
     the momentum needs no host-side injection and is checkpointed with the state.
+    `row_norm` applies MuonEq-R to the Nesterov input; `shard_mesh` splits the
+    orthogonalisation of every layer stack over the mesh's data axis.
     """
     _coefficient_table(ns_coeffs)  # fail at build time, not at trace time
 
@@ -160,9 +212,13 @@ def scale_by_muon(
             inputs = jax.tree.map(lambda g, b: g + (m * b).astype(b.dtype), updates, buf)
         else:
             inputs = buf
-        directions = jax.tree.map(
-            lambda g: orthogonalized_direction(g, ns_steps, ns_coeffs, eps, ns_dtype), inputs
-        )
+        if row_norm:
+            inputs = jax.tree.map(row_normalize, inputs)
+        direction = lambda g: orthogonalized_direction(g, ns_steps, ns_coeffs, eps, ns_dtype, ns_safety)
+        if shard_mesh is not None:
+            directions = jax.tree.map(lambda g: sharded_over_layers(direction, g, shard_mesh), inputs)
+        else:
+            directions = jax.tree.map(direction, inputs)
         return directions, ScaleByMuonState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
     return optax.GradientTransformation(init_fn, update_fn)

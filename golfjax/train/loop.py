@@ -44,12 +44,13 @@ from golfjax.eval.evaluator import Evaluator
 from golfjax.eval.plain import EvalResult, evaluate_config, make_token_nll
 from golfjax.export.pipeline import export_params, load_artifact_params
 from golfjax.model import gpt
-from golfjax.optim.build import build_optimizer, lr_multiplier, param_labels
+from golfjax.optim.build import build_optimizer, lr_multiplier, param_labels, training_budget_ms
 from golfjax.parallel import (is_coordinator, make_mesh, num_ranks, process_ranks, put_process_local,
                               put_replicated)
 from golfjax.profiling import ProfileWindow
 from golfjax.train.data_setup import RunData, prepare_run_data
-from golfjax.train.step import init_state, make_train_step
+from golfjax.train.averaging import averaged_params
+from golfjax.train.step import TrainState, init_state, make_train_step
 
 
 class TrainingError(RuntimeError):
@@ -197,6 +198,7 @@ class _Run:
     mesh: object = None
     loader: TokenLoader | None = None
     compiled: object = None
+    compiled_unrolled: object = None  # the step before depth recurrence switches on (recur_start_frac > 0)
     token_nll: object = None
 
 
@@ -293,11 +295,11 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
 
     if resume_step is None:
         params = gpt.init_params(cfg.model, jax.random.PRNGKey(t_cfg.seed))
-        tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
+        tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings, mesh)
         state, progress = init_state(cfg, params, tx), Progress()
     else:  # shapes only: the values come from the checkpoint
         params = jax.eval_shape(lambda: gpt.init_params(cfg.model, jax.random.PRNGKey(t_cfg.seed)))
-        tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
+        tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings, mesh)
         template = jax.eval_shape(lambda: init_state(cfg, params, tx))
         state, progress = _restore(ctx, resume_step, template, discarded)
     state = put_replicated(state, mesh)
@@ -320,6 +322,11 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     t_compile = time.perf_counter()
     batch = jax.ShapeDtypeStruct(ctx.loader.batch_shape, jnp.int32)
     ctx.compiled = step_fn.lower(state, batch, batch, jnp.float32(1.0)).compile()
+    if recurrence_start_frac(cfg) > 0:  # both graphs before the clock: the switch costs no training time
+        ctx.compiled_unrolled = make_train_step(cfg, mesh, tx, recurrent=False).lower(
+            state, batch, batch, jnp.float32(1.0)).compile()
+        log.line(f"depth_recurrence: off until training fraction {recurrence_start_frac(cfg):.3f} "
+                 "(both step graphs compiled)")
     log.line(f"compile_time:{time.perf_counter() - t_compile:.1f}s")
     return state, progress
 
@@ -361,6 +368,21 @@ def _validate(ctx: _Run, state, progress: Progress, clock: TrainClock) -> EvalRe
     return res
 
 
+def recurrence_start_frac(cfg: Config) -> float:
+    """model.recur_start_frac (0 when the model has no such switch): the training fraction
+    from which the depth-recurrent step runs."""
+    return float(getattr(cfg.model, "recur_start_frac", 0.0))
+
+
+def training_fraction(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """How far training is: of the wall-clock budget when capped, else of the iterations."""
+    t = cfg.train
+    budget = training_budget_ms(t.max_wallclock_seconds, t.gptq_reserve_seconds)
+    if budget > 0:
+        return elapsed_ms / budget
+    return step / max(t.iterations, 1)
+
+
 def agreed_elapsed_ms(clock: TrainClock) -> float:
     """Consumed training time, the same on every process (process 0's), so that the
     LR multiplier and the wall-clock stop never differ between replicas."""
@@ -378,12 +400,16 @@ def _train_step(ctx: _Run, state, progress: Progress, clock: TrainClock, profile
     step = progress.step
     profile_overhead = profiler.overhead_s
     profiler.before_step(step + 1)
-    lr_mul = lr_multiplier(step, agreed_elapsed_ms(clock), t_cfg.iterations, t_cfg.warmdown_iters,
-                           t_cfg.max_wallclock_seconds)
+    elapsed = agreed_elapsed_ms(clock)
+    lr_mul = lr_multiplier(step, elapsed, t_cfg.iterations, t_cfg.warmdown_iters, t_cfg.max_wallclock_seconds,
+                           t_cfg.warmdown_frac, t_cfg.min_lr, t_cfg.gptq_reserve_seconds)
+    compiled = ctx.compiled
+    if ctx.compiled_unrolled is not None and training_fraction(ctx.cfg, step, elapsed) < recurrence_start_frac(ctx.cfg):
+        compiled = ctx.compiled_unrolled
     x, y = ctx.loader.next_batch()
     t_step = time.perf_counter()
-    state, metrics = ctx.compiled(state, put_process_local(x, ctx.mesh, 1), put_process_local(y, ctx.mesh, 1),
-                                  jnp.float32(lr_mul))
+    state, metrics = compiled(state, put_process_local(x, ctx.mesh, 1), put_process_local(y, ctx.mesh, 1),
+                              jnp.float32(lr_mul))
     train_loss = float(metrics["train_loss"])  # waits for the step: the clock must see real work
     step_ms = 1000.0 * (time.perf_counter() - t_step)
     progress.step = step = step + 1
@@ -398,15 +424,18 @@ def _train_step(ctx: _Run, state, progress: Progress, clock: TrainClock, profile
             f"last good checkpoint: {ctx.checkpoints.last_complete()}; lower the learning rates (e.g. "
             "--set optim.matrix_lr=...) and start a new run")
     approx_ms = agreed_elapsed_ms(clock)
-    ctx.log.metrics({"event": "train", "step": step, "train_loss": train_loss, "lr_mul": lr_mul,
-                     "grad_norm": float(metrics["grad_norm"]), "step_ms": step_ms,
-                     "tokens_per_s": t_cfg.train_batch_tokens / max(step_ms / 1000.0, 1e-9),
-                     "train_time_ms": approx_ms})
+    record = {"event": "train", "step": step, "train_loss": train_loss, "lr_mul": lr_mul,
+              "grad_norm": float(metrics["grad_norm"]), "step_ms": step_ms,
+              "tokens_per_s": t_cfg.train_batch_tokens / max(step_ms / 1000.0, 1e-9),
+              "train_time_ms": approx_ms}
+    if ctx.compiled_unrolled is not None:
+        record["recurrent"] = compiled is ctx.compiled
+    ctx.log.metrics(record)
     if t_cfg.train_log_every > 0 and (step <= 10 or step % t_cfg.train_log_every == 0
                                       or progress.stop_after is not None):
         ctx.log.line(f"step:{step}/{t_cfg.iterations} train_loss:{train_loss:.4f} "
                      f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-    max_ms = 1000.0 * t_cfg.max_wallclock_seconds
+    max_ms = training_budget_ms(t_cfg.max_wallclock_seconds, t_cfg.gptq_reserve_seconds)
     if progress.stop_after is None and max_ms > 0 and approx_ms >= max_ms:
         progress.stop_after = step
     return state
@@ -461,6 +490,8 @@ def _train(ctx: _Run, state, progress: Progress):
         clock = TrainClock(progress.train_ms)  # starts now: at step 0 the warmdown sees (almost) no time
         while True:
             last = _training_done(ctx, progress)
+            if last:
+                state = _apply_averages(ctx, state)
             if last or (t_cfg.val_loss_every > 0 and progress.step % t_cfg.val_loss_every == 0):
                 final = _validate(ctx, state, progress, clock)
             if last:
@@ -475,6 +506,14 @@ def _train(ctx: _Run, state, progress: Progress):
                      f"step:{progress.step}/{t_cfg.iterations}")
     ctx.checkpoints.wait()
     return state, progress, final
+
+
+def _apply_averages(ctx: _Run, state: TrainState) -> TrainState:
+    """The state whose params are the EMA/SWA average (what the final evaluation and the export see)."""
+    params, what = averaged_params(state.avg, state.params)
+    if what != "none":
+        ctx.log.line(f"weight_averaging: final params are {what}")
+    return TrainState(params, state.opt_state, state.avg)
 
 
 def _write_plots(log: RunLog, run_dir: Path) -> None:
