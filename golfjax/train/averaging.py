@@ -27,11 +27,16 @@ def _f32(tree: Any) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
 
 
+def _f32_copy(tree: Any) -> Any:
+    # A copy, never an alias: the train step donates params and averages separately.
+    return jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), tree)
+
+
 def init_averages(t: TrainConfig, params: Any) -> Averages:
     """The averaging state at step 0: the EMA starts at the initial weights; SWA is empty."""
     avg: Averages = {}
     if t.ema_decay > 0:
-        avg["ema"] = _f32(params)
+        avg["ema"] = _f32_copy(params)
     if t.swa_every > 0:
         avg["swa_sum"] = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), params)
         avg["swa_count"] = jnp.zeros((), jnp.int32)
@@ -67,7 +72,9 @@ def averaged_params(avg: Averages, params: Any) -> tuple[Any, str]:
     if "swa_sum" in avg:
         count = int(np.asarray(jax.device_get(avg["swa_count"])))
         if count > 0:
-            chosen = jax.tree.map(lambda s: s / count, avg["swa_sum"])
+            # times the float32 reciprocal: one IEEE product, the same on host numpy and any XLA backend
+            inv = np.float32(1.0 / count)
+            chosen = jax.tree.map(lambda s: s * inv, avg["swa_sum"])
             what = f"swa({count} snapshots{' of the ema' if 'ema' in avg else ''})"
         else:
             what = "swa(no snapshots)"

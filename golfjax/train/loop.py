@@ -300,7 +300,7 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     else:  # shapes only: the values come from the checkpoint
         params = jax.eval_shape(lambda: gpt.init_params(cfg.model, jax.random.PRNGKey(t_cfg.seed)))
         tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings, mesh)
-        template = jax.eval_shape(lambda: init_state(cfg, params, tx))
+        template = jax.eval_shape(lambda p: init_state(cfg, p, tx), params)
         state, progress = _restore(ctx, resume_step, template, discarded)
     state = put_replicated(state, mesh)
     step_fn = make_train_step(cfg, mesh, tx)
