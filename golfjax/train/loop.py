@@ -291,7 +291,7 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     ranks = num_ranks(mesh)
     grad_accum = t_cfg.grad_accum_steps or default_grad_accum_steps(ranks)
     ctx.loader = TokenLoader(ctx.data.train_files, t_cfg.train_batch_tokens, t_cfg.train_seq_len, ranks, grad_accum,
-                             local_ranks=process_ranks(mesh))
+                             local_ranks=process_ranks(mesh), order=cfg.data.data_order, seed=t_cfg.seed)
 
     if resume_step is None:
         params = gpt.init_params(cfg.model, jax.random.PRNGKey(t_cfg.seed))

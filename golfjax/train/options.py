@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from golfjax.config import Config, ConfigError
-
-DATA_ORDERS: tuple[str, ...] = ("sequential", "shuffled", "stride", "packed")
-IMPLEMENTED_ORDERS: tuple[str, ...] = ("sequential",)
+from golfjax.data.loader import ORDERS as DATA_ORDERS
 
 
 def check_training_options(cfg: Config) -> None:
@@ -31,7 +29,5 @@ def check_training_options(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: off), got {t.ema_decay}")
     if t.swa_every < 0:
         raise ConfigError(f"train.swa_every must be >= 0 (0: off), got {t.swa_every}")
-    if d.data_order not in DATA_ORDERS or d.data_order not in IMPLEMENTED_ORDERS:
-        if d.data_order in DATA_ORDERS:
-            raise ConfigError(f"not implemented yet: data.data_order={d.data_order!r}")
+    if d.data_order not in DATA_ORDERS:
         raise ConfigError(f"data.data_order must be one of {', '.join(DATA_ORDERS)}, got {d.data_order!r}")
