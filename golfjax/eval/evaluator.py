@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from golfjax.config import Config
 from golfjax.data.tokenizer import ByteTables
 from golfjax.eval import bpb
-from golfjax.eval.mix import PositionMix
+from golfjax.eval.mix import PositionMix, from_ngram_mixer
 from golfjax.eval.plain import evaluate_config
 from golfjax.eval.sliding import document_segments, evaluate_windows, flat_segments, make_windows
 
@@ -87,36 +87,50 @@ def load_validation_stream(cfg: Config) -> np.ndarray:
 
 
 def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
-    """The n-gram PositionMix of `golfjax.eval.ngram` (another module's hook)."""
+    """The n-gram mixer of `golfjax.eval.ngram` over the stream, configured by the `ngram` section."""
     try:
         from golfjax.eval import ngram
     except ImportError:
         raise NotImplementedError("not implemented yet: n-gram blending (golfjax.eval.ngram)") from None
-    if not hasattr(ngram, "build_position_mix"):
-        raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_position_mix")
-    mix = ngram.build_position_mix(cfg, np.asarray(tokens))
+    section = getattr(cfg, "ngram", None)
+    if section is None or not hasattr(ngram, "build_mixer"):
+        raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_mixer / the ngram config section")
+    mixer = ngram.build_mixer(section, np.asarray(tokens), cfg.model.vocab_size)
+    if mixer is None:
+        raise ValueError(f"eval_mode={cfg.eval.eval_mode} needs ngram.ngram_mode=interp or tilt (it is off)")
+    mix = from_ngram_mixer(mixer, len(tokens))
     mix.check(len(tokens))
     return mix
+
+
+def sidecar_position_bytes(sidecar: np.ndarray, n_tokens: int) -> np.ndarray:
+    """bytes[p] of every position from a CaseOps byte sidecar (bytes[0] = 0), via golfjax.eval.bpb."""
+    if len(sidecar) != n_tokens:
+        raise ValueError(f"byte sidecar has {len(sidecar)} entries, the validation stream {n_tokens} tokens")
+    out = np.zeros(n_tokens, np.int64)
+    if n_tokens > 1:
+        out[1:] = bpb.sidecar_target_bytes(sidecar, np.arange(1, n_tokens))
+    return out
 
 
 class Evaluator:
     """One configured evaluation; `evaluate` may be called for several params / streams."""
 
     def __init__(self, cfg: Config, mesh: Mesh, tables: ByteTables, bos_id: int = 1,
-                 position_bytes_override: np.ndarray | None = None, progress: bool = True):
+                 byte_sidecar: np.ndarray | None = None, progress: bool = True):
         self.cfg, self.mesh, self.tables, self.bos_id = cfg, mesh, tables, bos_id
-        self.bytes_override = position_bytes_override  # CaseOps sidecar: bytes of each position
+        self.byte_sidecar = byte_sidecar  # CaseOps: original bytes of each token of the stream
         self.progress = progress
         self.mode = cfg.eval.eval_mode
         self.seq_len = cfg.eval.eval_seq_len or cfg.train.train_seq_len
 
     def _bytes(self, tokens: np.ndarray) -> np.ndarray:
-        if self.bytes_override is None:
+        if self.byte_sidecar is None:
             return position_bytes(tokens, self.tables)
-        b = np.asarray(self.bytes_override).astype(np.int64).reshape(-1)
-        if len(b) != len(tokens):
-            raise ValueError(f"byte sidecar has {len(b)} entries, the validation stream {len(tokens)} tokens")
-        return b
+        # plain mode scores a truncated stream: the sidecar must cover the whole stream, then is cut alike
+        sidecar = np.asarray(self.byte_sidecar).reshape(-1)
+        full = self.cfg.eval.eval_mode.split("+")[0] == "plain" and len(sidecar) >= len(tokens)
+        return sidecar_position_bytes(sidecar[: len(tokens)] if full else sidecar, len(tokens))
 
     def windows(self, tokens: np.ndarray):
         """The sliding window table of this config over `tokens`."""
@@ -133,25 +147,33 @@ class Evaluator:
         seconds: dict[str, float] = {}
         tokens = np.asarray(tokens).reshape(-1)
         e, base = self.cfg.eval, self.mode.split("+")[0]
+        stream_targets = len(tokens) - 1
         if base == "plain":
             kept = plain_truncation(len(tokens), self.cfg.train.train_seq_len)
-            res = evaluate_config(params, self.cfg, tokens[:kept], self.tables, self.mesh, progress=self.progress)
-            seconds["score"] = seconds["total"] = time.perf_counter() - t_start
-            return EvalReport(self.mode, res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds,
-                              {"stream_targets": len(tokens) - 1, "seq_len": self.cfg.train.train_seq_len})
+            if self.byte_sidecar is None:
+                res = evaluate_config(params, self.cfg, tokens[:kept], self.tables, self.mesh, progress=self.progress)
+                seconds["score"] = seconds["total"] = time.perf_counter() - t_start
+                return EvalReport(self.mode, res.val_loss, res.val_bpb, res.tokens, res.bytes, seconds,
+                                  {"stream_targets": stream_targets, "seq_len": self.cfg.train.train_seq_len})
+            # CaseOps bytes: plain = windows with stride = seq_len (test_eval_sliding proves them equal).
+            tokens = tokens[:kept]
         t = time.perf_counter()
         pbytes = self._bytes(tokens)
-        win = self.windows(tokens)
+        if base == "plain":
+            seq = self.cfg.train.train_seq_len
+            win = make_windows(flat_segments(len(tokens)), seq, seq)
+        else:
+            win = self.windows(tokens)
         seconds["prepare"] = time.perf_counter() - t
         mix = None
         if self.mode.endswith("+ngram"):
             t = time.perf_counter()
             mix = build_mix(self.cfg, tokens)
             seconds["ngram_precompute"] = time.perf_counter() - t
-        info = {"stream_targets": len(tokens) - 1, "seq_len": self.seq_len, "stride": min(e.eval_stride, self.seq_len),
+        info = {"stream_targets": stream_targets, "seq_len": self.seq_len, "stride": min(e.eval_stride, self.seq_len),
                 "doc_isolated": e.eval_doc_isolated, "windows": len(win),
                 "plain_tokens": plain_truncation(len(tokens), self.cfg.train.train_seq_len) - 1}
-        if base == "sliding":
+        if base in ("sliding", "plain"):
             t = time.perf_counter()
             totals = evaluate_windows(params, self.cfg.model, tokens, pbytes, win, self.mesh, e.eval_batch_windows,
                                       mix=mix, record=record, progress=self.progress)

@@ -101,31 +101,21 @@ def window_arrays(tokens: np.ndarray, win: Windows, sel: np.ndarray) -> tuple[np
     return x, y, np.where(scored, idx + 1, 0).astype(np.int32), scored
 
 
-def mixed_nll(params, cfg: ModelConfig, x, y, pos, mix_arrays, combine: Callable | None):
-    """Per-position NLL (float32), optionally mixed by a PositionMix (arrays gathered at `pos`)."""
-    if combine is None:
+def mixed_nll(params, cfg: ModelConfig, x, y, pos, query_ids):
+    """Per-position NLL (float32); with query_ids (N, K) also the log-softmax at query_ids[pos]."""
+    if query_ids is None:
         return gpt.token_nll(params, cfg, x, y)
-    query_ids, side = mix_arrays
     logp = jax.nn.log_softmax(gpt.forward(params, cfg, x), axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-    qlogp = jnp.take_along_axis(logp, query_ids[pos], axis=-1)
-    return combine(nll, qlogp, {k: v[pos] for k, v in side.items()}, y)
-
-
-def device_mix(mix: PositionMix | None, mesh: Mesh) -> tuple[tuple | None, Callable | None]:
-    """A PositionMix's arrays replicated on the mesh, and its combine function."""
-    if mix is None:
-        return None, None
-    arrays = (np.asarray(mix.query_ids, np.int32), {k: np.asarray(v) for k, v in mix.side.items()})
-    return put_replicated(arrays, mesh), mix.combine
+    return nll, jnp.take_along_axis(logp, query_ids[pos], axis=-1)
 
 
 @functools.lru_cache(maxsize=8)  # one compile per shape, across evaluate() calls
-def make_window_scorer(cfg: ModelConfig, mesh: Mesh, combine: Callable | None = None) -> Callable:
-    """Jitted (params, x, y, pos, mix_arrays) -> per-position NLL, rows split over the mesh."""
+def make_window_scorer(cfg: ModelConfig, mesh: Mesh) -> Callable:
+    """Jitted (params, x, y, pos, query_ids) -> NLL (and query log-probs), rows split over the mesh."""
     rows = sharded_along(mesh, 0, 2)
     return jax.jit(
-        lambda params, x, y, pos, arrays: mixed_nll(params, cfg, x, y, pos, arrays, combine),
+        lambda params, x, y, pos, query_ids: mixed_nll(params, cfg, x, y, pos, query_ids),
         in_shardings=(replicated(mesh), rows, rows, rows, replicated(mesh)),
         out_shardings=rows,
     )
@@ -141,14 +131,21 @@ class Totals:
     positions: list | None = None
     nlls: list | None = None
 
-    def add(self, nll: np.ndarray, pos: np.ndarray, scored: np.ndarray, position_bytes: np.ndarray) -> None:
-        self.nll_sum += float(np.where(scored, nll, 0.0).astype(np.float64).sum())
+    def add(self, nll: np.ndarray, pos: np.ndarray, scored: np.ndarray, position_bytes: np.ndarray,
+            mix: PositionMix | None = None, qlogp: np.ndarray | None = None) -> None:
+        """Add the scored entries (row-major = stream order); a mix rescores them on the host."""
         picked = pos[scored]
+        if mix is None:
+            self.nll_sum += float(np.where(scored, nll, 0.0).astype(np.float64).sum())
+            values = nll[scored]
+        else:
+            values = np.asarray(mix.score(picked.astype(np.int64), nll[scored], qlogp[scored]), np.float64)
+            self.nll_sum += float(values.sum())
         self.tokens += int(picked.size)
         self.bytes += int(position_bytes[picked].sum())
         if self.positions is not None:
             self.positions.append(picked.astype(np.int64))
-            self.nlls.append(nll[scored].astype(np.float64))
+            self.nlls.append(values.astype(np.float64))
 
     def per_position(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, nll) of every scored target, in scoring order (needs record=True)."""
@@ -175,8 +172,8 @@ def evaluate_windows(
     scorer: Callable | None = None,
 ) -> Totals:
     """Score every window of `win` (each target once) with fixed `params`."""
-    arrays, combine = device_mix(mix, mesh)
-    scorer = scorer or make_window_scorer(cfg, mesh, combine)
+    query = None if mix is None else put_replicated(np.asarray(mix.query_ids, np.int32), mesh)
+    scorer = scorer or make_window_scorer(cfg, mesh)
     rows = batch_rows(batch_windows, mesh)
     totals = Totals(positions=[] if record else None, nlls=[] if record else None)
     starts = range(0, len(win), rows)
@@ -188,7 +185,7 @@ def evaluate_windows(
             pad = ((0, rows - count), (0, 0))
             x, y, pos = (np.pad(a, pad) for a in (x, y, pos))
             scored = np.pad(scored, pad)
-        nll = to_host(scorer(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0),
-                             put_sharded(pos, mesh, 0), arrays))
-        totals.add(nll[:count], pos[:count], scored[:count], position_bytes)
+        out = scorer(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0), put_sharded(pos, mesh, 0), query)
+        nll, qlogp = (to_host(out), None) if mix is None else (to_host(out[0]), to_host(out[1])[:count])
+        totals.add(nll[:count], pos[:count], scored[:count], position_bytes, mix, qlogp)
     return totals
