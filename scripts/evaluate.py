@@ -44,7 +44,7 @@ def main() -> int:
 
     from golfjax.config import validate
     from golfjax.eval import bpb
-    from golfjax.eval.evaluator import Evaluator, load_validation_stream, plain_truncation
+    from golfjax.eval.evaluator import Evaluator, load_byte_sidecar, load_validation_stream, plain_truncation
     from golfjax.parallel import make_mesh, num_ranks, put_replicated
     from golfjax.train.data_setup import load_eval_data
 
@@ -55,7 +55,8 @@ def main() -> int:
     data = load_eval_data(cfg)
     tokens = load_validation_stream(cfg)
     mesh = make_mesh()
-    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()))
+    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()),
+                          byte_sidecar=load_byte_sidecar(cfg, len(tokens)))
     report = evaluator.evaluate(put_replicated(params, mesh), tokens)
     out = report.as_dict()
     if args.check_bytes:

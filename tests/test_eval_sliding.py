@@ -222,3 +222,27 @@ def test_eval_config_is_checked():
         resolve(None, ["eval.eval_seq_len=64", "eval.eval_stride=65"])
     cfg, _ = resolve(None, [], {"EVAL_MODE": "ttt", "TTT_LR": "0.005", "EVAL_STRIDE": "32"})
     assert (cfg.eval.eval_mode, cfg.eval.ttt_lr, cfg.eval.eval_stride) == ("ttt", 0.005, 32)
+
+
+def test_evaluate_cli_sliding_mode(golden_dir, golden_shards):
+    """scripts/evaluate.py --mode sliding --stride S: reference lines, then one JSON line with
+    the mode, the scored tokens (the whole stream), bytes equal to the decoded text, seconds."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), VOCAB_SIZE="1024", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
+               NUM_KV_HEADS="2", MLP_MULT="2", TRAIN_SEQ_LEN="64", EVAL_BATCH_WINDOWS="64")
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--reference-state",
+           str(golden_dir / "trained" / "final_state.npz"), "--data-dir", str(golden_shards), "--tokenizer",
+           str(TOKENIZER_1024), "--mode", "sliding", "--stride", "32", "--check-bytes", "--cpu-devices", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert lines[-2].startswith("final_sliding_window_exact val_loss:")
+    assert out["mode"] == "sliding" and out["stride"] == 32 and out["bytes_match"]
+    assert out["tokens_scored"] == out["stream_targets"] >= out["plain_tokens"]
+    assert {"val_loss", "val_bpb", "bytes", "seconds"} <= set(out) and out["seconds"]["score"] > 0

@@ -86,6 +86,16 @@ def load_validation_stream(cfg: Config) -> np.ndarray:
     return np.concatenate([np.asarray(read_shard(f)) for f in files])
 
 
+def load_byte_sidecar(cfg: Config, n_tokens: int) -> np.ndarray | None:
+    """The CaseOps byte sidecar of the validation stream when the config enables CaseOps, else None."""
+    section = getattr(cfg, "caseops", None)
+    if section is None or not getattr(section, "caseops_enabled", False):
+        return None
+    from golfjax.data import caseops
+
+    return caseops.load_val_byte_sidecar(cfg.data.data_path, n_tokens)
+
+
 def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
     """The n-gram mixer of `golfjax.eval.ngram` over the stream, configured by the `ngram` section."""
     try:

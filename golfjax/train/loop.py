@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from golfjax import checkpoint
 from golfjax.config import Config, ConfigError, describe
 from golfjax.data.loader import TokenLoader, default_grad_accum_steps
-from golfjax.eval.evaluator import Evaluator
+from golfjax.eval.evaluator import Evaluator, load_byte_sidecar
 from golfjax.eval.plain import EvalResult, evaluate_config, make_token_nll
 from golfjax.export.pipeline import export_params, load_artifact_params
 from golfjax.model import gpt
@@ -555,7 +555,8 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
              f"eval_time:{1000.0 * (time.perf_counter() - t_q):.0f}ms")
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
     if cfg.eval.eval_mode != "plain":  # the configured final evaluation, on the round-trip weights
-        report = Evaluator(cfg, ctx.mesh, ctx.data.tables, progress=False).evaluate(
+        sidecar = load_byte_sidecar(cfg, len(ctx.data.val_tokens))
+        report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=sidecar, progress=False).evaluate(
             put_replicated(q_params, ctx.mesh), ctx.data.val_tokens)
         for text in report.lines():
             log.line(text)
