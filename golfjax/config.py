@@ -154,6 +154,22 @@ class EvalConfig:
     ttt_grad_clip: float = 1.0
     # Chunks per compiled lax.scan call (the progress bar advances per call).
     ttt_chunks_per_call: int = 8
+    # Per-document LoRA TTT (ttt_variant="lora"; R0413 defaults, TOP: rank 80, alpha 144,
+    # beta2 0.99, chunk 48, warm A): adapters on q, k, v, attention out, MLP and head.
+    ttt_lora_rank: int = 96
+    # Output scale alpha/rank; 0 means no scaling (R0413).
+    ttt_lora_alpha: float = 0.0
+    ttt_lora_lr: float = 1e-4
+    ttt_lora_beta1: float = 0.0
+    ttt_lora_beta2: float = 0.999
+    ttt_lora_wd: float = 0.5
+    # Predictions per chunk (one AdamW step after each chunk but a document's last).
+    ttt_lora_chunk: int = 32
+    # Documents processed together (longest first), each with its own adapters.
+    ttt_lora_docs: int = 64
+    # Between document batches keep A and zero B (TOP) instead of re-initialising both.
+    ttt_lora_warm_a: bool = False
+    ttt_lora_steps_per_call: int = 16
 
 
 @dataclass(frozen=True)
@@ -434,6 +450,8 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError(f"ttt_variant must be full, lora or phased, got {e.ttt_variant!r}")
     if e.ttt_chunk_tokens <= 0 or e.ttt_epochs < 0 or e.ttt_batch_seqs <= 0 or e.ttt_chunks_per_call <= 0:
         raise ConfigError("ttt_chunk_tokens, ttt_batch_seqs, ttt_chunks_per_call must be positive, ttt_epochs >= 0")
+    if min(e.ttt_lora_rank, e.ttt_lora_chunk, e.ttt_lora_docs, e.ttt_lora_steps_per_call) <= 0:
+        raise ConfigError("ttt_lora_rank, ttt_lora_chunk, ttt_lora_docs and ttt_lora_steps_per_call must be positive")
     if e.ttt_seq_len < 0 or e.ttt_freeze_blocks < 0 or e.ttt_grad_clip < 0:
         raise ConfigError("ttt_seq_len, ttt_freeze_blocks and ttt_grad_clip must be >= 0")
 

@@ -153,46 +153,40 @@ def test_score_of_a_token_ignores_later_tokens(setup, fields):
     assert np.all(a[q:] != b[q:])
 
 
-class ToyMix:
-    """Host-side toy n-gram in the ngram module's shape: interpolation with a uniform
-    distribution (lam per position), or A2's tilt towards a prefix-only hint (beta)."""
-
-    def __init__(self, tokens, lam=None, beta=None):
-        n = len(tokens)
-        self.hint = np.roll(np.asarray(tokens, np.int32), 1)  # "repeat the previous token": prefix-only
-        self.lam, self.beta, self.tokens, self.last = lam, beta, tokens, 0
-        self.query_ids = (self.hint[:, None] if beta is not None else np.zeros((n, 0), np.int32))
-
-    def score(self, pos, nll, qlogp):
-        assert pos[0] > self.last and np.all(np.diff(pos) > 0)  # stream order, each once
-        self.last = pos[-1]
-        if self.beta is None:
-            return -np.log(self.lam[pos] * np.exp(-nll) + (1.0 - self.lam[pos]) / MODEL.vocab_size)
-        b = self.beta[pos]
-        return nll + np.log1p(np.exp(qlogp[:, 0]) * np.expm1(b)) - b * (self.tokens[pos] == self.hint[pos])
+def _interpolate_uniform(nll, qlogp, side, targets):
+    """Toy n-gram: lam * p_network + (1 - lam) * uniform, lam per position."""
+    lam = side["lam"]
+    return -jnp.log(lam * jnp.exp(-nll) + (1.0 - lam) / MODEL.vocab_size)
 
 
-def _toy(tokens, **kw):
-    toy = ToyMix(tokens, **kw)
-    return PositionMix(toy.query_ids, toy.score)
+def _tilt_to_hint(nll, qlogp, side, targets):
+    """Toy A2 tilt: p'(t) ~ p(t) exp(beta [t = hint])."""
+    beta, hint_logp = side["beta"], qlogp[..., 0]
+    is_hint = (targets == side["hint"]).astype(nll.dtype)
+    return nll + jnp.log1p(jnp.exp(hint_logp) * jnp.expm1(beta)) - beta * is_hint
 
 
 @pytest.mark.parametrize("mode", ["sliding+ngram", "ttt+ngram"])
-def test_position_mix_rescores_each_position_in_stream_order(setup, monkeypatch, mode):
-    """The n-gram hook: every scored position reaches the mix once, in stream order, with the
-    network NLL; interpolation checked by hand; a tilt with beta = 0 is the network itself,
-    with beta > 0 it moves the score (so the hint log-probs do arrive)."""
+def test_position_mix_is_applied_per_position(setup, monkeypatch, mode):
+    """The n-gram hook: the evaluator hands combine the network NLL, the query log-probs and
+    the side rows of the scored position (checked against the mix computed by hand); a tilt
+    with beta = 0 is the network itself, with beta > 0 it moves the score."""
     sp, tables, tokens, _ = setup
     tokens = tokens[:700]
     n = len(tokens)
+    lam = np.linspace(0.3, 0.9, n).astype(np.float32)
+    hint = np.roll(tokens, 1).astype(np.int32)  # "predict the previous token": prefix-only
+    beta = np.full(n, 1.5, np.float32)
+    mixes = {"interp": PositionMix(np.zeros((n, 0), np.int32), {"lam": lam}, _interpolate_uniform),
+             "tilt": PositionMix(hint[:, None], {"beta": beta, "hint": hint}, _tilt_to_hint),
+             "tilt0": PositionMix(hint[:, None], {"beta": 0 * beta, "hint": hint}, _tilt_to_hint)}
     extra = dict(ttt_chunk_tokens=256, ttt_batch_seqs=2, ttt_epochs=1, ttt_chunks_per_call=2, ttt_lr=0.0)
     fields = dict(eval_mode=mode, eval_stride=16, **(extra if mode.startswith("ttt") else {}))
     net = run(setup, tokens, **{**fields, "eval_mode": mode.split("+")[0]})
     pos, nll = net.info["per_position"]
-    lam = np.linspace(0.3, 0.9, n)
     got = {}
-    for name, kw in {"interp": dict(lam=lam), "tilt0": dict(beta=np.zeros(n)), "tilt": dict(beta=np.full(n, 1.5))}.items():
-        monkeypatch.setattr("golfjax.eval.evaluator.build_mix", lambda cfg, toks, kw=kw: _toy(toks, **kw))
+    for name, mix in mixes.items():
+        monkeypatch.setattr("golfjax.eval.evaluator.build_mix", lambda cfg, toks, mix=mix: mix)
         got[name] = run(setup, tokens, **fields)
         np.testing.assert_array_equal(got[name].info["per_position"][0], pos)
         assert got[name].bytes == net.bytes and got[name].mode == mode
@@ -204,8 +198,6 @@ def test_position_mix_rescores_each_position_in_stream_order(setup, monkeypatch,
 
 def test_byte_sidecar_replaces_the_tables(setup):
     """CaseOps: with a sidecar, bytes are the sidecar's at the scored positions (plain too)."""
-    if not hasattr(bpb, "sidecar_target_bytes"):
-        pytest.skip("bpb.sidecar_target_bytes lands with the ngram/CaseOps branch")
     sp, tables, tokens, params = setup
     tokens = tokens[: 6 * SEQ + 20]
     sidecar = (np.arange(len(tokens)) % 5).astype(np.uint16)

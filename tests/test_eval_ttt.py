@@ -100,7 +100,7 @@ def test_full_last_chunk_is_not_trained_and_shapes_are_checked():
 
 def test_undeclared_variants_say_not_implemented(setup):  # noqa: F811
     with pytest.raises(NotImplementedError, match="not implemented yet"):
-        run(setup, setup[2][:600], **{**TTT, "ttt_variant": "lora"})
+        run(setup, setup[2][:600], **{**TTT, "ttt_variant": "phased"})
 
 
 def test_frozen_blocks_do_not_move(setup):  # noqa: F811
@@ -127,3 +127,65 @@ def test_frozen_blocks_do_not_move(setup):  # noqa: F811
              zip(jax.tree.leaves(params["blocks"]), jax.tree.leaves(adapted["blocks"]))]
     assert max(moved) > 0
     assert np.abs(np.asarray(adapted["tok_emb"]["embedding"]) - params["tok_emb"]["embedding"]).max() > 0
+
+
+# ---------------------------------------------------------------- per-document LoRA TTT
+
+LORA = dict(eval_mode="ttt", ttt_variant="lora", ttt_lora_rank=4, ttt_lora_docs=2, ttt_lora_chunk=16,
+            ttt_lora_steps_per_call=4, ttt_lora_lr=0.01)
+
+
+def lora_stream(setup):  # noqa: F811
+    """Three short documents (about 120 tokens each), each starting with BOS."""
+    sp = setup[0]
+    tokens = setup[2]
+    bos = np.flatnonzero(tokens == sp.bos_id())[:3]
+    return np.concatenate([tokens[b : b + 120] for b in bos])
+
+
+def test_fresh_lora_is_the_base_model_and_every_adapter_is_wired(setup):  # noqa: F811
+    import jax
+    import jax.numpy as jnp
+
+    from golfjax.eval.ttt_lora import init_lora, lora_forward
+    from golfjax.model import gpt
+    from tests.test_eval_sliding import MODEL
+
+    params = setup[3]
+    x = jnp.asarray(setup[2][:128].astype(np.int32).reshape(2, 64))
+    lora = init_lora(MODEL, 4, 2, jax.random.PRNGKey(0))
+    base = gpt.forward(params, MODEL, x)
+    np.testing.assert_array_equal(np.asarray(lora_forward(params, lora, MODEL, x, 1.0)), np.asarray(base))
+    for name in lora:
+        bumped = {**lora, name: {"a": lora[name]["a"], "b": lora[name]["b"] + 0.1}}
+        assert float(jnp.abs(lora_forward(params, bumped, MODEL, x, 1.0) - base).max()) > 1e-3, name
+
+
+@pytest.fixture(scope="module")
+def lora_runs(setup):  # noqa: F811
+    tokens = lora_stream(setup)
+    q = 120 + 70  # inside document 2, in its chunk 4
+    changed = tokens.copy()
+    changed[q:240] = (changed[q:240].astype(np.int64) * 7 + 3) % 1000 + 8  # only document 2 changes
+    base = run(setup, tokens, devices=1, **LORA)
+    other = run(setup, changed, devices=1, **LORA)
+    docs = run(setup, tokens, devices=1, eval_mode="sliding", eval_stride=16, eval_doc_isolated=True)
+    return tokens, q, base, other, docs
+
+
+def test_lora_ttt_scores_every_target_once_before_adapting(lora_runs):
+    """Each target once (count check), the same bytes as doc-isolated sliding, the first chunk
+    of every document scored by the base model, later chunks by adapted weights; changing
+    document 2 from q on leaves every score before q and all of documents 1 and 3 unchanged."""
+    tokens, q, base, other, docs = lora_runs
+    n = len(tokens)
+    a, b, d = nll_by_position(base, n), nll_by_position(other, n), nll_by_position(docs, n)
+    pos, _ = base.info["per_position"]
+    np.testing.assert_array_equal(np.sort(pos), np.arange(1, n))
+    assert base.tokens_scored == n - 1 and base.bytes == docs.bytes
+    for start in (0, 120, 240):  # chunk 0 of each document: the base model, same context as doc-isolated
+        np.testing.assert_allclose(a[start + 1 : start + 17], d[start + 1 : start + 17], rtol=1e-5, atol=1e-5)
+    assert np.mean(np.abs(a[40:120] - d[40:120])) > 1e-3  # adapted after a few chunks
+    np.testing.assert_array_equal(a[1:q], b[1:q])
+    np.testing.assert_array_equal(a[241:], b[241:])  # document 3 has its own adapters
+    assert np.all(a[q:240] != b[q:240])

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from golfjax.config import Config
 from golfjax.data.tokenizer import ByteTables
 from golfjax.eval import bpb
-from golfjax.eval.mix import PositionMix, from_ngram_mixer
+from golfjax.eval.mix import PositionMix
 from golfjax.eval.plain import evaluate_config
 from golfjax.eval.sliding import document_segments, evaluate_windows, flat_segments, make_windows
 
@@ -97,18 +97,14 @@ def load_byte_sidecar(cfg: Config, n_tokens: int) -> np.ndarray | None:
 
 
 def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
-    """The n-gram mixer of `golfjax.eval.ngram` over the stream, configured by the `ngram` section."""
+    """The n-gram PositionMix of `golfjax.eval.ngram` over the stream (its `ngram` config section)."""
     try:
         from golfjax.eval import ngram
     except ImportError:
         raise NotImplementedError("not implemented yet: n-gram blending (golfjax.eval.ngram)") from None
-    section = getattr(cfg, "ngram", None)
-    if section is None or not hasattr(ngram, "build_mixer"):
-        raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_mixer / the ngram config section")
-    mixer = ngram.build_mixer(section, np.asarray(tokens), cfg.model.vocab_size)
-    if mixer is None:
-        raise ValueError(f"eval_mode={cfg.eval.eval_mode} needs ngram.ngram_mode=interp or tilt (it is off)")
-    mix = from_ngram_mixer(mixer, len(tokens))
+    if not hasattr(ngram, "build_position_mix"):
+        raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_position_mix")
+    mix = ngram.build_position_mix(cfg, np.asarray(tokens))
     mix.check(len(tokens))
     return mix
 
@@ -184,10 +180,16 @@ class Evaluator:
                 "doc_isolated": e.eval_doc_isolated, "windows": len(win),
                 "plain_tokens": plain_truncation(len(tokens), self.cfg.train.train_seq_len) - 1}
         if base in ("sliding", "plain"):
-            t = time.perf_counter()
             totals = evaluate_windows(params, self.cfg.model, tokens, pbytes, win, self.mesh, e.eval_batch_windows,
-                                      mix=mix, record=record, progress=self.progress)
-            seconds["score"] = time.perf_counter() - t
+                                      mix=mix, record=record, progress=self.progress, timings=seconds)
+        elif base == "ttt" and e.ttt_variant == "lora":
+            from golfjax.eval.ttt_lora import evaluate_lora_ttt
+
+            if mix is not None:
+                raise NotImplementedError("not implemented yet: n-gram with LoRA TTT")
+            totals = evaluate_lora_ttt(params, self.cfg.model, e, tokens, pbytes, self.mesh, self.seq_len,
+                                       bos_id=self.bos_id, record=record, progress=self.progress, timings=seconds)
+            info.update({"ttt_variant": "lora", "ttt_lora_rank": e.ttt_lora_rank, "ttt_lora_chunk": e.ttt_lora_chunk})
         elif base == "ttt":
             from golfjax.eval.ttt import evaluate_ttt
 

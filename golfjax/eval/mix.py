@@ -1,12 +1,10 @@
 """The hook through which a causal side model (the n-gram) mixes into evaluation.
 
-The network side runs jitted: at every scored position p (the target
-tokens[p]) the scorer returns the network's NLL and its log-softmax at the
-`query_ids[p]` tokens (e.g. the n-gram's hint). The host then calls
-`score(positions, nll, query_logp)` in stream order, each position once,
-and sums what it returns instead of the network NLL. TTT adaptation is not
-affected: it always trains on the network's own loss. See
-/work/coord/INTERFACES.md.
+A `PositionMix` is computed once per validation stream on the host, from
+prefix-only information, and combined with the network inside the jitted
+scorer at every scored position p (the target tokens[p]). The evaluator
+gathers `query_ids[p]` log-probs of the network and `side[name][p]`, calls
+`combine`, and masks padding afterwards. See /work/coord/INTERFACES.md.
 """
 
 from __future__ import annotations
@@ -19,21 +17,23 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PositionMix:
-    """query_ids (N, K) int32; score(positions (n,), nll (n,), query_logp (n, K)) -> float64 (n,)."""
+    """query_ids (N, K) int32; side {name: (N, ...)}; combine(nll, query_logp, side, targets) -> nll.
+
+    combine is traced by jax: nll (B, T) float32 is the network's NLL of the
+    target, query_logp (B, T, K) its log-softmax at query_ids, side the rows of
+    `side` at the same positions, targets (B, T) int32. It returns the NLL in
+    nats of a distribution normalised over the whole vocabulary, and must stay
+    finite for any finite inputs (padding rows get position 0's data).
+    """
 
     query_ids: np.ndarray
-    score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    side: dict
+    combine: Callable
 
     def check(self, n_tokens: int) -> None:
+        """Every array covers the whole stream, one row per position."""
         if self.query_ids.ndim != 2 or self.query_ids.shape[0] != n_tokens:
             raise ValueError(f"PositionMix.query_ids must be ({n_tokens}, K), got {self.query_ids.shape}")
-
-
-def from_ngram_mixer(mixer, n_tokens: int) -> PositionMix:
-    """Adapt golfjax.eval.ngram's NgramMixer (hint_ids / score / needs_hint_logprob)."""
-    query = np.zeros((n_tokens, 1), np.int32)
-    if n_tokens > 1:
-        query[1:, 0] = mixer.hint_ids(np.arange(1, n_tokens))
-    if mixer.needs_hint_logprob:
-        return PositionMix(query, lambda pos, nll, qlogp: mixer.score(pos, nll, qlogp[:, 0]))
-    return PositionMix(query[:, :0], lambda pos, nll, qlogp: mixer.score(pos, nll))
+        for name, arr in self.side.items():
+            if np.shape(arr)[0] != n_tokens:
+                raise ValueError(f"PositionMix.side[{name!r}] has {np.shape(arr)[0]} rows, stream has {n_tokens}")

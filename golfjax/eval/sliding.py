@@ -20,6 +20,7 @@ split over the mesh's data axis, and NLL is summed in float64 on the host.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -101,21 +102,31 @@ def window_arrays(tokens: np.ndarray, win: Windows, sel: np.ndarray) -> tuple[np
     return x, y, np.where(scored, idx + 1, 0).astype(np.int32), scored
 
 
-def mixed_nll(params, cfg: ModelConfig, x, y, pos, query_ids):
-    """Per-position NLL (float32); with query_ids (N, K) also the log-softmax at query_ids[pos]."""
-    if query_ids is None:
+def mixed_nll(params, cfg: ModelConfig, x, y, pos, mix_arrays, combine: Callable | None):
+    """Per-position NLL (float32), optionally mixed by a PositionMix (arrays gathered at `pos`)."""
+    if combine is None:
         return gpt.token_nll(params, cfg, x, y)
+    query_ids, side = mix_arrays
     logp = jax.nn.log_softmax(gpt.forward(params, cfg, x), axis=-1)
     nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-    return nll, jnp.take_along_axis(logp, query_ids[pos], axis=-1)
+    qlogp = jnp.take_along_axis(logp, query_ids[pos], axis=-1)
+    return combine(nll, qlogp, {k: v[pos] for k, v in side.items()}, y)
+
+
+def device_mix(mix: PositionMix | None, mesh: Mesh) -> tuple[tuple | None, Callable | None]:
+    """A PositionMix's arrays replicated on the mesh, and its combine function."""
+    if mix is None:
+        return None, None
+    arrays = (np.asarray(mix.query_ids, np.int32), {k: np.asarray(v) for k, v in mix.side.items()})
+    return put_replicated(arrays, mesh), mix.combine
 
 
 @functools.lru_cache(maxsize=8)  # one compile per shape, across evaluate() calls
-def make_window_scorer(cfg: ModelConfig, mesh: Mesh) -> Callable:
-    """Jitted (params, x, y, pos, query_ids) -> NLL (and query log-probs), rows split over the mesh."""
+def make_window_scorer(cfg: ModelConfig, mesh: Mesh, combine: Callable | None = None) -> Callable:
+    """Jitted (params, x, y, pos, mix_arrays) -> per-position NLL, rows split over the mesh."""
     rows = sharded_along(mesh, 0, 2)
     return jax.jit(
-        lambda params, x, y, pos, query_ids: mixed_nll(params, cfg, x, y, pos, query_ids),
+        lambda params, x, y, pos, arrays: mixed_nll(params, cfg, x, y, pos, arrays, combine),
         in_shardings=(replicated(mesh), rows, rows, rows, replicated(mesh)),
         out_shardings=rows,
     )
@@ -131,21 +142,14 @@ class Totals:
     positions: list | None = None
     nlls: list | None = None
 
-    def add(self, nll: np.ndarray, pos: np.ndarray, scored: np.ndarray, position_bytes: np.ndarray,
-            mix: PositionMix | None = None, qlogp: np.ndarray | None = None) -> None:
-        """Add the scored entries (row-major = stream order); a mix rescores them on the host."""
+    def add(self, nll: np.ndarray, pos: np.ndarray, scored: np.ndarray, position_bytes: np.ndarray) -> None:
+        self.nll_sum += float(np.where(scored, nll, 0.0).astype(np.float64).sum())
         picked = pos[scored]
-        if mix is None:
-            self.nll_sum += float(np.where(scored, nll, 0.0).astype(np.float64).sum())
-            values = nll[scored]
-        else:
-            values = np.asarray(mix.score(picked.astype(np.int64), nll[scored], qlogp[scored]), np.float64)
-            self.nll_sum += float(values.sum())
         self.tokens += int(picked.size)
         self.bytes += int(position_bytes[picked].sum())
         if self.positions is not None:
             self.positions.append(picked.astype(np.int64))
-            self.nlls.append(values.astype(np.float64))
+            self.nlls.append(nll[scored].astype(np.float64))
 
     def per_position(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, nll) of every scored target, in scoring order (needs record=True)."""
@@ -170,22 +174,32 @@ def evaluate_windows(
     record: bool = False,
     progress: bool = True,
     scorer: Callable | None = None,
+    timings: dict | None = None,
 ) -> Totals:
     """Score every window of `win` (each target once) with fixed `params`."""
-    query = None if mix is None else put_replicated(np.asarray(mix.query_ids, np.int32), mesh)
-    scorer = scorer or make_window_scorer(cfg, mesh)
+    arrays, combine = device_mix(mix, mesh)
+    scorer = scorer or make_window_scorer(cfg, mesh, combine)
     rows = batch_rows(batch_windows, mesh)
     totals = Totals(positions=[] if record else None, nlls=[] if record else None)
-    starts = range(0, len(win), rows)
-    for b in tqdm(starts, desc="sliding", unit="batch", disable=None if progress else True, leave=False):
+
+    def batch(b: int):
         sel = np.arange(b, min(b + rows, len(win)))
         x, y, pos, scored = window_arrays(tokens, win, sel)
-        count = len(sel)
-        if count < rows:  # static shapes: pad with empty windows (nothing scored)
-            pad = ((0, rows - count), (0, 0))
+        if len(sel) < rows:  # static shapes: pad with empty windows (nothing scored)
+            pad = ((0, rows - len(sel)), (0, 0))
             x, y, pos = (np.pad(a, pad) for a in (x, y, pos))
             scored = np.pad(scored, pad)
-        out = scorer(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0), put_sharded(pos, mesh, 0), query)
-        nll, qlogp = (to_host(out), None) if mix is None else (to_host(out[0]), to_host(out[1])[:count])
-        totals.add(nll[:count], pos[:count], scored[:count], position_bytes, mix, qlogp)
+        return len(sel), pos, scored, [put_sharded(a, mesh, 0) for a in (x, y, pos)]
+
+    t0 = time.perf_counter()
+    compiled = scorer.lower(params, *batch(0)[3], arrays).compile()  # cached by jax across calls
+    t1 = time.perf_counter()
+    for b in tqdm(range(0, len(win), rows), desc="sliding", unit="batch", disable=None if progress else True,
+                  leave=False):
+        count, pos, scored, device_args = batch(b)
+        nll = to_host(compiled(params, *device_args, arrays))
+        totals.add(nll[:count], pos[:count], scored[:count], position_bytes)
+    if timings is not None:
+        timings["compile"] = t1 - t0
+        timings["score"] = time.perf_counter() - t1
     return totals

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from golfjax.config import EvalConfig, ModelConfig
 from golfjax.eval.mix import PositionMix
-from golfjax.eval.sliding import Totals, Windows, batch_rows, mixed_nll
+from golfjax.eval.sliding import Totals, Windows, batch_rows, device_mix, mixed_nll
 from golfjax.model import gpt
 from golfjax.parallel import put_replicated, replicated, sharded_along, to_host
 
@@ -95,10 +95,9 @@ def _freeze_mask(params, freeze_blocks: int):
 
 @functools.lru_cache(maxsize=8)  # one compile per shape, across evaluate() calls
 def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, rows: int,
-                  n_query: int | None) -> Callable:
-    """Jitted scan over a block of chunks: (carry, stream, windows..., chunk ids, train, lr, query_ids)
-    -> (carry, per-chunk NLL (G, C), query log-probs (G, C, K), score counts (G, C)).
-    n_query: K, the query tokens per position of a PositionMix (None: no mix)."""
+                  combine: Callable | None) -> Callable:
+    """Jitted scan over a block of chunks: (carry, stream, windows..., chunk ids, train, lr, mix)
+    -> (carry, per-chunk NLL (G, C), per-chunk score counts (G, C))."""
     C = ecfg.ttt_chunk_tokens
     S = ecfg.ttt_seq_len or seq_len
     n_seq = C // S
@@ -106,11 +105,8 @@ def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, 
     steps = n_seq // batch
     row_sharding = sharded_along(mesh, 0, 2)
     j = jnp.arange(seq_len)
-    nll_shape = lambda x: x.shape + (0,)
 
-    K = n_query or 0
-
-    def score_chunk(params, stream, starts, lengths, firsts, c, query_ids):
+    def score_chunk(params, stream, starts, lengths, firsts, c, arrays):
         def one_batch(acc, w):
             s, ln, f = w
             idx = s[:, None] + j
@@ -120,22 +116,20 @@ def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, 
             y = jnp.where(valid, stream[idx + 1], 0)
             pos = jnp.where(scored, idx + 1, 0)
             x, y, pos = (jax.lax.with_sharding_constraint(a, row_sharding) for a in (x, y, pos))
-            out = mixed_nll(params, cfg, x, y, pos, query_ids)
-            nll, qlogp = out if n_query is not None else (out, jnp.zeros(nll_shape(x), jnp.float32))
+            nll = mixed_nll(params, cfg, x, y, pos, arrays, combine)
             local = pos - 1 - c * C
             keep = scored & (local >= 0) & (local < C)
             slot = jnp.where(keep, local, C)  # C is out of range: dropped
-            nll_acc, q_acc, cnt_acc = acc
+            nll_acc, cnt_acc = acc
             nll_acc = nll_acc.at[slot].add(jnp.where(keep, nll, 0.0), mode="drop")
-            q_acc = q_acc.at[slot].add(jnp.where(keep[..., None], qlogp, 0.0), mode="drop")
             cnt_acc = cnt_acc.at[slot].add(keep.astype(jnp.int32), mode="drop")
-            return (nll_acc, q_acc, cnt_acc), None
+            return (nll_acc, cnt_acc), None
 
         shape = (-1, rows)
         ws = (starts.reshape(shape), lengths.reshape(shape), firsts.reshape(shape))
-        init = (jnp.zeros(C, jnp.float32), jnp.zeros((C, K), jnp.float32), jnp.zeros(C, jnp.int32))
-        out, _ = jax.lax.scan(one_batch, init, ws)
-        return out
+        init = (jnp.zeros(C, jnp.float32), jnp.zeros(C, jnp.int32))
+        (nll_c, cnt_c), _ = jax.lax.scan(one_batch, init, ws)
+        return nll_c, cnt_c
 
     def adapt(carry, stream, c, lr):
         params, mom = carry
@@ -162,12 +156,12 @@ def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, 
         (params, mom), _ = jax.lax.scan(step, (params, mom), jnp.arange(ecfg.ttt_epochs * steps))
         return params, mom
 
-    def run(carry, stream, starts, lengths, firsts, chunk_ids, train, lr, query_ids):
+    def run(carry, stream, starts, lengths, firsts, chunk_ids, train, lr, arrays):
         def body(carry, xs):
             s, ln, f, c, tr, lr_c = xs
-            scores = score_chunk(carry[0], stream, s, ln, f, c, query_ids)  # 1. score
+            nll_c, cnt_c = score_chunk(carry[0], stream, s, ln, f, c, arrays)  # 1. score
             carry = jax.lax.cond(tr, lambda cr: adapt(cr, stream, c, lr_c), lambda cr: cr, carry)  # 2. adapt
-            return carry, scores
+            return carry, (nll_c, cnt_c)
 
         return jax.lax.scan(body, carry, (starts, lengths, firsts, chunk_ids, train, lr))
 
@@ -219,11 +213,8 @@ def evaluate_ttt(
     starts = np.where(ids >= 0, win.start[safe], 0).astype(np.int32)
     lengths = np.where(ids >= 0, win.length[safe], 0).astype(np.int32)
     firsts = np.where(ids >= 0, win.first[safe], 0).astype(np.int32)
-    query = None
-    if mix is not None:
-        qids = np.asarray(mix.query_ids, np.int32)
-        query = put_replicated(np.concatenate([qids, np.zeros((pad,) + qids.shape[1:], np.int32)]), mesh)
-    run = make_ttt_scan(cfg, ecfg, mesh, seq_len, rows, None if mix is None else int(mix.query_ids.shape[1]))
+    arrays, combine = device_mix(mix, mesh)
+    run = make_ttt_scan(cfg, ecfg, mesh, seq_len, rows, combine)
     carry = put_replicated((params, jax.tree.map(jnp.zeros_like, params)), mesh)
     lr = (ecfg.ttt_lr * plan.lr_scale).astype(np.float32)
 
@@ -236,22 +227,24 @@ def evaluate_ttt(
                    padn(plan.train, False), padn(lr))
 
     _, first_block = block(0)
-    compiled = run.lower(carry, stream, *first_block, query).compile()
+    t_plan = time.perf_counter()
+    compiled = run.lower(carry, stream, *first_block, arrays).compile()  # cached by jax across calls
     t1 = time.perf_counter()
     totals = Totals(positions=[] if record else None, nlls=[] if record else None)
     for b in tqdm(range(0, plan.n_chunks, G), desc="ttt", unit="call", disable=None if progress else True,
                   leave=False):
         n, xs = block(b)
-        carry, (nll, qlogp, cnt) = compiled(carry, stream, *xs, query)
-        nll, qlogp, cnt = to_host(nll)[:n], to_host(qlogp)[:n], to_host(cnt)[:n]
+        carry, (nll, cnt) = compiled(carry, stream, *xs, arrays)
+        nll, cnt = to_host(nll)[:n], to_host(cnt)[:n]
         for k in range(n):
             lo, hi = plan.chunk_positions(b + k)
             width = hi - lo + 1
             if not np.all(cnt[k, :width] == 1) or np.any(cnt[k, width:]):
                 raise AssertionError(f"TTT chunk {b + k}: a position was scored {cnt[k].max()} times or not at all")
             pos = np.arange(lo, hi + 1)
-            totals.add(nll[k, :width], pos, np.ones(width, bool), position_bytes, mix, qlogp[k, :width])
+            totals.add(nll[k, :width], pos, np.ones(width, bool), position_bytes)
     if timings is not None:
-        timings["ttt_prepare_compile"] = t1 - t0
+        timings["ttt_prepare"] = t_plan - t0
+        timings["compile"] = t1 - t_plan
         timings["ttt_loop"] = time.perf_counter() - t1
     return totals, plan, carry[0]

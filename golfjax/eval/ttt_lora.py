@@ -1,0 +1,217 @@
+"""Per-document LoRA test-time training (R0413 / TOP, research/record-stack.md 1.13).
+
+Documents are `[BOS_i, BOS_i+1]` (the next BOS is the last target). They are
+sorted by length and processed longest-first in batches of `ttt_lora_docs`,
+each document with its own LoRA. A document's targets are cut into chunks of
+`ttt_lora_chunk` predictions; for chunk k the model runs on the window of the
+same document that ends at the chunk's last target (at most seq_len inputs,
+never crossing the document start). In one forward/backward the chunk's NLLs
+are recorded (the score) and the gradient of their mean is taken; the Adam
+step comes after, so a chunk is always scored with weights that have seen
+only earlier chunks of its own document. The last chunk of a document is never
+trained on.
+
+LoRA sits on q, k, v (the attention's input projections), on the attention
+output (a parallel path from the attention input), in parallel to the MLP
+(from the MLP's normed input) and on the head (from the final hidden state),
+for every block. A is uniform +-1/sqrt(in), B is zero, so a fresh LoRA is the
+base model exactly. The adapters enter the unchanged model code through
+`flax.linen.intercept_methods`: the base forward is `golfjax.model.gpt`'s own.
+Blocks are per physical layer (equal to virtual layers without recurrence).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from golfjax.config import EvalConfig, ModelConfig
+from golfjax.eval.sliding import Totals, document_segments
+from golfjax.model import gpt
+from golfjax.model.layers import MLP, CausalSelfAttention
+from golfjax.parallel import put_replicated, replicated, to_host
+
+
+def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every adapted projection of one block, and of the head."""
+    d = cfg.model_dim
+    kv = cfg.num_kv_heads * (d // cfg.num_heads)
+    return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d), "head": (d, cfg.vocab_size)}
+
+
+def init_lora(cfg: ModelConfig, rank: int, docs: int, key: jax.Array) -> dict:
+    """{name: {"a": (docs, [layers,] in, r), "b": zeros (docs, [layers,] r, out)}}; the head has no layer axis."""
+    out = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(lora_shapes(cfg).items()):
+        lead = (docs,) if name == "head" else (docs, cfg.num_layers)
+        bound = 1.0 / np.sqrt(fan_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), lead + (fan_in, rank), jnp.float32, -bound, bound)
+        out[name] = {"a": a, "b": jnp.zeros(lead + (rank, fan_out), jnp.float32)}
+    return out
+
+
+def _lora_apply(x, ab, scale):
+    """x (docs, T, in) through a per-document adapter (docs, in, r), (docs, r, out)."""
+    a, b = ab["a"], ab["b"]
+    h = jnp.einsum("bti,bir->btr", x.astype(jnp.float32), a)
+    return (scale * jnp.einsum("btr,bro->bto", h, b)).astype(x.dtype)
+
+
+def _interceptor(scale: float):
+    """Adds the adapters found in a module's params (put there by `lora_forward`)."""
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        mod = context.module
+        params = mod.variables.get("params", {})
+        if isinstance(mod, nn.Dense) and "lora" in params:
+            return out + _lora_apply(args[0], params["lora"], scale)
+        if isinstance(mod, (CausalSelfAttention, MLP)) and "lora" in params:
+            return out + _lora_apply(args[0], params["lora"], scale)
+        return out
+    return intercept
+
+
+def lora_forward(params, lora: dict, cfg: ModelConfig, x, scale: float):
+    """Soft-capped logits (docs, T, V) of the base model plus every document's adapters."""
+    def layer_first(ab):  # (docs, layers, ...) -> (layers, docs, ...), sliced by the layer scan
+        return {k: jnp.swapaxes(t, 0, 1) for k, t in ab.items()}
+
+    blocks = dict(params["blocks"])
+    attn = dict(blocks["attn"])
+    for name, key in (("q", "c_q"), ("k", "c_k"), ("v", "c_v")):
+        attn[key] = {**attn[key], "lora": layer_first(lora[name])}
+    attn["lora"] = layer_first(lora["o"])
+    blocks["attn"] = attn
+    blocks["mlp"] = {**blocks["mlp"], "lora": layer_first(lora["mlp"])}
+    merged = {**params, "blocks": blocks}
+    with nn.intercept_methods(_interceptor(scale)):
+        h = gpt.hidden_states(merged, cfg, x)
+    if cfg.tie_embeddings:
+        w = params["tok_emb"]["embedding"].astype(h.dtype).T
+    else:
+        w = params["lm_head"]["kernel"].astype(h.dtype)
+    z = (h @ w).astype(jnp.float32) + _lora_apply(h, lora["head"], scale).astype(jnp.float32)
+    return cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
+
+
+def _nll(logits, y):
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+
+
+@functools.lru_cache(maxsize=4)
+def make_lora_steps(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, steps: int):
+    """Jitted scan of `steps` chunk steps for one batch of documents:
+    (lora, adam, t, params, stream, doc_start, doc_targets, k0) -> (lora, adam, t, nll (S, D, L), pos (S, D, L))."""
+    cs, scale = ecfg.ttt_lora_chunk, (ecfg.ttt_lora_alpha / ecfg.ttt_lora_rank if ecfg.ttt_lora_alpha else 1.0)
+    b1, b2, eps, wd, lr = ecfg.ttt_lora_beta1, ecfg.ttt_lora_beta2, 1e-10, ecfg.ttt_lora_wd, ecfg.ttt_lora_lr
+    j = jnp.arange(seq_len)
+
+    def step(carry, k):
+        lora, m, v, t, params, stream, start, n_tgt = carry
+        n_chunks = -(-n_tgt // cs)
+        active = k < n_chunks  # (docs,)
+        e = start + jnp.minimum((k + 1) * cs, n_tgt)  # last target position of chunk k
+        ws = jnp.maximum(start, e - seq_len)  # window start (inputs), never before the document
+        idx = ws[:, None] + j
+        valid = idx < e[:, None]
+        x = jnp.where(valid, stream[idx], 0)
+        y = jnp.where(valid, stream[idx + 1], 0)
+        pos = idx + 1
+        scored = valid & (pos >= (start + 1 + k * cs)[:, None]) & active[:, None]
+
+        def loss(lo):
+            nll = _nll(lora_forward(params, lo, cfg, x, scale), y)
+            per_doc = jnp.sum(jnp.where(scored, nll, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
+            return jnp.sum(per_doc), nll
+
+        (_, nll), g = jax.value_and_grad(loss, has_aux=True)(lora)  # the score: before the update
+        train = active & (k < n_chunks - 1)  # never the document's last chunk
+        t = t + train.astype(jnp.int32)
+
+        def upd(p, m_, v_, g_):
+            shape = (-1,) + (1,) * (p.ndim - 1)
+            tr = train.reshape(shape)
+            tt = jnp.maximum(t, 1).reshape(shape).astype(jnp.float32)
+            m_new = b1 * m_ + (1 - b1) * g_
+            v_new = b2 * v_ + (1 - b2) * g_ * g_
+            mhat = m_new / (1 - b1**tt)
+            vhat = v_new / (1 - b2**tt)
+            p_new = p - lr * (mhat / (jnp.sqrt(vhat) + eps) + wd * p)
+            return (jnp.where(tr, p_new, p), jnp.where(tr, m_new, m_), jnp.where(tr, v_new, v_))
+
+        lora, m, v = (jax.tree.map(lambda *a, i=i: upd(*a)[i], lora, m, v, g) for i in range(3))
+        return (lora, m, v, t, params, stream, start, n_tgt), (nll, jnp.where(scored, pos, 0))
+
+    def run(lora, m, v, t, params, stream, start, n_tgt, k0):
+        carry = (lora, m, v, t, params, stream, start, n_tgt)
+        carry, outs = jax.lax.scan(step, carry, k0 + jnp.arange(steps))
+        return carry[:4], outs
+
+    rep = replicated(mesh)
+    return jax.jit(run, in_shardings=rep, out_shardings=rep)
+
+
+def doc_batches(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> list[np.ndarray]:
+    """Document segments (start, last target) sorted longest-first, in batches."""
+    seg = document_segments(tokens, bos_id)
+    order = np.argsort(-(seg[:, 1] - seg[:, 0]), kind="stable")
+    seg = seg[order]
+    return [seg[i : i + docs_per_batch] for i in range(0, len(seg), docs_per_batch)]
+
+
+def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, position_bytes: np.ndarray,
+                      mesh: Mesh, seq_len: int, bos_id: int = 1, record: bool = False, progress: bool = True,
+                      timings: dict | None = None, seed: int = 0) -> Totals:
+    """Score every target once with per-document LoRA TTT; totals in stream units."""
+    t0 = time.perf_counter()
+    D, S = ecfg.ttt_lora_docs, ecfg.ttt_lora_steps_per_call
+    batches = doc_batches(tokens, bos_id, D)
+    pad = seq_len + 2
+    stream = put_replicated(np.concatenate([np.asarray(tokens, np.int32), np.zeros(pad, np.int32)]), mesh)
+    run = make_lora_steps(cfg, ecfg, mesh, seq_len, S)
+    key = jax.random.PRNGKey(seed)
+    lora = init_lora(cfg, ecfg.ttt_lora_rank, D, key)
+    totals = Totals(positions=[] if record else None, nlls=[] if record else None)
+    seen = np.zeros(len(tokens), np.int32)
+    t_compile = 0.0
+    for bi, seg in enumerate(tqdm(batches, desc="lora-ttt", unit="docs", disable=None if progress else True,
+                                  leave=False)):
+        n = len(seg)
+        start = np.zeros(D, np.int32)
+        n_tgt = np.zeros(D, np.int32)  # padding documents have no targets
+        start[:n], n_tgt[:n] = seg[:, 0], seg[:, 1] - seg[:, 0]
+        if bi == 0 or not ecfg.ttt_lora_warm_a:  # fresh A and B (R0413)
+            lora = init_lora(cfg, ecfg.ttt_lora_rank, D, jax.random.fold_in(key, bi))
+        else:  # warm-start A (TOP): keep A, zero B
+            lora = {name: {"a": ab["a"], "b": jnp.zeros_like(ab["b"])} for name, ab in lora.items()}
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        state = (lora, zeros, jax.tree.map(jnp.zeros_like, lora), jnp.zeros(D, jnp.int32))
+        chunks = int(-(-n_tgt.max() // ecfg.ttt_lora_chunk))
+        for k0 in range(0, chunks, S):
+            tc = time.perf_counter()
+            state, (nll, pos) = run(*state, params, stream, start, n_tgt, np.int32(k0))
+            if bi == 0 and k0 == 0:
+                jax.block_until_ready(nll)
+                t_compile = time.perf_counter() - tc
+            nll, pos = to_host(nll), to_host(pos)
+            for s in range(nll.shape[0]):  # chunk steps in order; rows are documents
+                scored = pos[s] > 0
+                np.add.at(seen, pos[s][scored], 1)
+                totals.add(nll[s], pos[s], scored, position_bytes)
+        lora = state[0]
+    if not (seen[0] == 0 and np.all(seen[1:] == 1)):
+        raise AssertionError(f"LoRA TTT scored positions {int(seen.min())}..{int(seen.max())} times")
+    if timings is not None:
+        timings["first_call_with_compile"] = t_compile
+        timings["ttt_loop"] = time.perf_counter() - t0
+    return totals
