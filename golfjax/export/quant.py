@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from golfjax.export import gptq, lqer
 from golfjax.model.naming import is_control_tensor
 
 INT8_FORMAT = "int8_clean_per_row_v1"
@@ -365,8 +366,6 @@ def quantize_codes(w: np.ndarray, rule: QuantRule, hessian: np.ndarray | None = 
     with clip="search" every candidate percentile is tried (with GPTQ too, as
     R0325 does) and the lowest weight MSE wins.
     """
-    from golfjax.export import gptq
-
     m = as_matrix(w)
     qmin, qmax = int_range(rule.bits, rule.int_range)
     if rule.gptq and hessian is None:
@@ -441,8 +440,6 @@ def _matrix_shape(qt: QuantizedTensor) -> tuple[int, int]:
 
 
 def _dequantize_intk(qt: QuantizedTensor) -> np.ndarray:
-    from golfjax.export import lqer as lqer_mod
-
     bits, packed, lqer_kind = _parse_intk(qt.scheme)
     rows, cols = _matrix_shape(qt)
     scale = qt.arrays["scale"]
@@ -457,7 +454,7 @@ def _dequantize_intk(qt: QuantizedTensor) -> np.ndarray:
         q = q.reshape(rows, cols)
     out = dequantize_rows(q, scale)
     if lqer_kind:
-        out = out + lqer_mod.correction(qt.arrays, rows, cols, asym=lqer_kind == "asym")
+        out = out + lqer.correction(qt.arrays, rows, cols, asym=lqer_kind == "asym")
     return out
 
 
@@ -466,15 +463,13 @@ REFERENCE_SCHEMES: frozenset[str] = frozenset(SCHEME_ARRAYS)
 
 
 def _register_intk_schemes() -> None:
-    from golfjax.export.lqer import LQER_ARRAYS
-
     for bits in INT_BITS:
         for packed in (False, True):
             for lqer_kind in ("", "asym", "sym"):
                 name = intk_scheme(bits, packed, lqer_kind)
                 if name == "int8_per_row":
                     continue  # the reference's scheme (same arrays, same dequantization)
-                arrays = ("packed" if packed else "q", "scale") + (LQER_ARRAYS if lqer_kind else ())
+                arrays = ("packed" if packed else "q", "scale") + (lqer.LQER_ARRAYS if lqer_kind else ())
                 SCHEME_ARRAYS[name] = arrays
                 _DEQUANTIZERS[name] = _dequantize_intk
 
@@ -496,8 +491,6 @@ def quantize_tensor(w: np.ndarray, rule: QuantRule, hessian: np.ndarray | None =
 def with_lqer(qt: QuantizedTensor, w: np.ndarray, rank: int, asym: bool = True,
               group: int = 64) -> QuantizedTensor:
     """``qt`` plus an LQER correction of its error against the original ``w``."""
-    from golfjax.export import lqer
-
     bits, packed, kind = _parse_intk(qt.scheme)
     if kind:
         raise ValueError(f"{qt.scheme} already has an LQER correction")
@@ -599,9 +592,7 @@ def _percentiles(text: str) -> tuple[float, ...]:
 
 def plan_from_config(export_cfg, **overrides) -> QuantPlan:
     """A QuantPlan from the ``quant_*`` fields of an ExportConfig (``overrides`` replace fields first)."""
-    from dataclasses import replace
-
-    e = replace(export_cfg, **overrides) if overrides else export_cfg
+    e = dataclasses.replace(export_cfg, **overrides) if overrides else export_cfg
     percentiles = _percentiles(e.quant_clip_percentiles)
 
     def rule(bits: int, k: float, gptq: bool) -> QuantRule:
