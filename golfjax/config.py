@@ -231,6 +231,7 @@ class ExportConfig:
     quant_calib_batch_tokens: int = 65_536
     quant_calib_seq_len: int = 1024
     quant_calib_temperature: float = 0.8
+    quant_calib_selfgen_seqs: int = 64  # selfgen: sequences of quant_calib_seq_len sampled (R0325: 64 x 2048)
     # LQER: rank-r correction of the quant_lqer_top_k matrices with the largest error (0 = off).
     quant_lqer_rank: int = 0
     quant_lqer_top_k: int = 3

@@ -104,3 +104,15 @@ def test_train_calibration_without_shards_says_what_to_do(tiny, tmp_path) -> Non
     empty = replace(cfg, data=replace(cfg.data, data_path=str(tmp_path)))
     with pytest.raises(ValueError, match="quant_calib_source=selfgen"):
         calibrate.calibration_tokens(params, empty)
+
+
+def test_calibration_tokens_follow_the_config(tiny, tmp_path) -> None:
+    cfg, params = tiny
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1000, dtype=np.uint16) % 64)
+    e = replace(cfg.export, quant_calib_batches=3, quant_calib_batch_tokens=40, quant_calib_seq_len=SEQ,
+                quant_calib_selfgen_seqs=2)
+    train = calibrate.calibration_tokens(params, replace(cfg, export=e, data=replace(cfg.data, data_path=str(tmp_path))))
+    assert train.shape == (120 // SEQ, SEQ) and np.array_equal(train.reshape(-1), np.arange(120) % 64)
+    gen = calibrate.calibration_tokens(params, replace(cfg, export=replace(e, quant_calib_source="selfgen",
+                                                                          quant_calib_temperature=0.8)))
+    assert gen.shape == (2, SEQ)

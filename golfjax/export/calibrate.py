@@ -146,14 +146,15 @@ def collect_hessians(params, cfg: Config, tokens: np.ndarray, batch: int = 8) ->
 
 
 def calibration_tokens(params, cfg: Config, train_files: Sequence[str | Path] | None = None) -> np.ndarray:
-    """Calibration tokens from ``cfg.export.quant_calib_*`` (source, batches x batch tokens, seq len)."""
+    """Calibration tokens from ``cfg.export.quant_calib_*``: ``train`` reads batches x batch tokens,
+    ``selfgen`` samples ``quant_calib_selfgen_seqs`` sequences; both cut into ``quant_calib_seq_len``."""
     e = cfg.export
     if e.quant_calib_source not in CALIB_SOURCES:
         raise ValueError(f"unknown calibration source {e.quant_calib_source!r}; known: {', '.join(CALIB_SOURCES)}")
     num_tokens = e.quant_calib_batches * e.quant_calib_batch_tokens
     seq_len = e.quant_calib_seq_len
     if e.quant_calib_source == "selfgen":
-        return calibration_tokens_selfgen(params, cfg, max(num_tokens // seq_len, 1), seq_len,
+        return calibration_tokens_selfgen(params, cfg, e.quant_calib_selfgen_seqs, seq_len,
                                           e.quant_calib_temperature, seed=cfg.train.seed)
     if train_files is None:
         from golfjax.data.shards import ShardError, list_shards
