@@ -238,3 +238,24 @@ def test_evaluate_cli_sliding_mode(golden_dir, golden_shards):
     assert out["mode"] == "sliding" and out["stride"] == 32 and out["bytes_match"]
     assert out["tokens_scored"] == out["stream_targets"] >= out["plain_tokens"]
     assert {"val_loss", "val_bpb", "bytes", "seconds"} <= set(out) and out["seconds"]["score"] > 0
+
+
+def test_training_run_ends_with_the_configured_eval_mode(golden_shards, tmp_path):
+    """eval.eval_mode=sliding: after the plain round trip, the run logs the Evaluator's lines
+    and a final_eval_mode metrics event, and still finishes (artifact, final event)."""
+    import io
+
+    from golfjax.train.loop import run as train_run
+    from tests.test_train_loop import tiny_config
+
+    cfg = tiny_config(golden_shards, tmp_path, iterations=2, warmdown_iters=1, max_wallclock_seconds=0.0)
+    cfg = replace(cfg, eval=replace(cfg.eval, eval_mode="sliding", eval_stride=16, eval_batch_windows=64))
+    console = io.StringIO()
+    result = train_run(cfg, console=console)
+    log = console.getvalue()
+    assert "final_int8_zlib_roundtrip_exact" in log and "final_sliding_window_exact val_loss:" in log
+    events = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
+    mode = [e for e in events if e["event"] == "final_eval_mode"]
+    assert len(mode) == 1 and mode[0]["mode"] == "sliding"
+    assert mode[0]["tokens_scored"] == result.roundtrip.tokens  # the run's stream is already truncated
+    assert events[-1]["event"] == "final" and result.artifact_total_bytes > 0

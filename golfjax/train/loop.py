@@ -556,11 +556,11 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
     if cfg.eval.eval_mode != "plain":  # the configured final evaluation, on the round-trip weights
         sidecar = load_byte_sidecar(cfg, len(ctx.data.val_tokens))
-        report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=sidecar, progress=False).evaluate(
+        eval_report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=sidecar, progress=False).evaluate(
             put_replicated(q_params, ctx.mesh), ctx.data.val_tokens)
-        for text in report.lines():
+        for text in eval_report.lines():
             log.line(text)
-        log.metrics({"event": "final_eval_mode", **report.as_dict()})
+        log.metrics({"event": "final_eval_mode", **eval_report.as_dict()})
     log.metrics({"event": "final", "steps": progress.step, "train_time_ms": progress.train_ms,
                  "artifact_bytes": report.total_bytes,
                  **{f"roundtrip_{k}": v for k, v in roundtrip.as_dict().items()},
