@@ -43,6 +43,61 @@ class ModelConfig:
     compute_dtype: str = "auto"
     # "auto": cuDNN fused attention on GPU with 16-bit inputs, XLA elsewhere.
     attention_impl: str = "auto"
+    # --- record-stack options (docs: ../shared/research/record-stack.md 1.2-1.5, 1.9);
+    # every default is the reference baseline.
+    # MLP activation: "relu2" (reference) or "leaky_relu2" (leaky_relu(x, 0.5)^2).
+    mlp_act: str = "relu2"
+    # Rotate only the first rope_dims of head_dim (0: all). NTK base rescale when the
+    # sequence is longer than rope_train_seq_len (0: never rescale).
+    rope_dims: int = 0
+    rope_train_seq_len: int = 0
+    # XSA (exclusive self-attention) on the last N physical layers (>= num_layers: all).
+    xsa_last_n: int = 0
+    # At most one attention output gate: 2*sigmoid(W x[:window]) / sigmoid(W x) /
+    # sigmoid(scale * W x[:window]), one multiplier per head.
+    attn_out_gate: bool = False
+    gated_attn: bool = False
+    gated_attn_init_std: float = 0.005
+    sparse_attn_gate: bool = False
+    sparse_attn_gate_scale: float = 1.0
+    attn_gate_window: int = 12
+    # Packed documents: attention never crosses a BOS token (token id doc_bos_id).
+    doc_mask: bool = False
+    doc_bos_id: int = 1
+    # BigramHash embedding: buckets (0: off) x bigram_dim table, projection, scale.
+    bigram_buckets: int = 0
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    # SmearGate: "" (off), "v1" (per-dim gate after the embedding norm) or "v2"
+    # (input-dependent, before the norm); smear_bos_fix stops it at BOS tokens.
+    smear: str = ""
+    smear_window: int = 12
+    smear_bos_fix: bool = False
+    # Value embeddings: a vocab x ve_dim table projected to kv_dim and added to v in
+    # the physical layers ve_layers ("9,10"); 0 = off.
+    ve_dim: int = 0
+    ve_layers: str = ""
+    ve_scale_init: float = 0.1
+    # Orthogonal init of the non-zero-initialised matrices of at least 64x64.
+    ortho_init: bool = False
+    # LN scale: both norm outputs of physical layer l times 1/sqrt(l+1).
+    ln_scale: bool = False
+    # U-Net skips as lerp(w*skip, x, sigmoid(g)), g init 0.
+    skip_gates: bool = False
+    # Depth recurrence: physical layers recur_first..recur_last run recur_loops extra
+    # times (0: off), switched on at recur_start_frac of training (the train loop's job).
+    recur_first: int = 0
+    recur_last: int = -1
+    recur_loops: int = 0
+    recur_start_frac: float = 0.0
+    # Parallel residuals from this physical layer on (-1: off): GPT-J style, or two lanes
+    # with learned routing (final hidden = mean of the lanes).
+    parallel_start: int = -1
+    two_lane_start: int = -1
+    # Late QAT: straight-through int-qat_bits fake quantization of the block matrices
+    # (0: off); the train step switches it on when lr_mul < qat_lr_threshold.
+    qat_bits: int = 0
+    qat_lr_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -423,6 +478,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"logit_softcap must be positive, got {m.logit_softcap}")
     if m.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"compute_dtype must be auto/float32/bfloat16/float16, got {m.compute_dtype!r}")
+    validate_model(m)
     if t.train_seq_len <= 0 or t.train_batch_tokens <= 0:
         raise ConfigError("train_seq_len and train_batch_tokens must be positive")
     from golfjax.profiling import parse_profile_spec
@@ -455,6 +511,52 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError("ttt_lora_rank, ttt_lora_chunk, ttt_lora_docs and ttt_lora_steps_per_call must be positive")
     if e.ttt_seq_len < 0 or e.ttt_freeze_blocks < 0 or e.ttt_grad_clip < 0:
         raise ConfigError("ttt_seq_len, ttt_freeze_blocks and ttt_grad_clip must be >= 0")
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    """"9,10" -> (9, 10); "" -> ()."""
+    try:
+        return tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of layer indices, got {text!r}") from None
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The record-stack options: ranges and combinations the model cannot build."""
+    head_dim = m.model_dim // m.num_heads
+    if m.mlp_act not in ("relu2", "leaky_relu2"):
+        raise ConfigError(f"mlp_act must be relu2 or leaky_relu2, got {m.mlp_act!r}")
+    if m.rope_dims < 0 or m.rope_dims % 2 or m.rope_dims > head_dim:
+        raise ConfigError(f"rope_dims={m.rope_dims} must be even and at most head_dim={head_dim} (0: all)")
+    gates = [n for n in ("attn_out_gate", "gated_attn", "sparse_attn_gate") if getattr(m, n)]
+    if len(gates) > 1:
+        raise ConfigError(f"attention gates are mutually exclusive, got {' and '.join(gates)}")
+    if gates and gates[0] != "gated_attn" and not 0 < m.attn_gate_window <= m.model_dim:
+        raise ConfigError(f"attn_gate_window={m.attn_gate_window} must be in 1..model_dim")
+    if m.smear not in ("", "v1", "v2"):
+        raise ConfigError(f"smear must be '', v1 or v2, got {m.smear!r}")
+    if m.smear == "v2" and not 0 < m.smear_window <= m.model_dim:
+        raise ConfigError(f"smear_window={m.smear_window} must be in 1..model_dim")
+    if m.bigram_buckets < 0 or m.bigram_buckets == 1 or (m.bigram_buckets and m.bigram_dim <= 0):
+        raise ConfigError(f"bigram_buckets must be 0 (off) or >= 2 with bigram_dim > 0, got {m.bigram_buckets}")
+    if not 0 <= m.doc_bos_id < m.vocab_size:
+        raise ConfigError(f"doc_bos_id={m.doc_bos_id} is not a token id (vocab_size={m.vocab_size})")
+    ve_layers = parse_layer_list(m.ve_layers)
+    if m.ve_dim < 0 or (m.ve_dim and not ve_layers):
+        raise ConfigError("ve_dim > 0 needs ve_layers (e.g. \"9,10\"), and ve_dim must not be negative")
+    if any(not 0 <= i < m.num_layers for i in ve_layers) or len(set(ve_layers)) != len(ve_layers):
+        raise ConfigError(f"ve_layers={m.ve_layers!r}: distinct layers in 0..{m.num_layers - 1}")
+    if m.recur_loops < 0:
+        raise ConfigError(f"recur_loops must be >= 0, got {m.recur_loops}")
+    if m.recur_loops and not 0 <= m.recur_first <= m.recur_last < m.num_layers:
+        raise ConfigError(f"recurrence needs 0 <= recur_first <= recur_last < num_layers, "
+                          f"got {m.recur_first}..{m.recur_last} with {m.num_layers} layers")
+    if not 0.0 <= m.recur_start_frac <= 1.0:
+        raise ConfigError(f"recur_start_frac must be in [0, 1], got {m.recur_start_frac}")
+    if m.parallel_start >= 0 and m.two_lane_start >= 0:
+        raise ConfigError("parallel_start (GPT-J) and two_lane_start are mutually exclusive")
+    if m.qat_bits and not 2 <= m.qat_bits <= 8:
+        raise ConfigError(f"qat_bits must be 0 (off) or 2..8, got {m.qat_bits}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""Building blocks of the baseline GPT: norm, rotary, attention, MLP, block.
+"""Building blocks of the GPT: norm, rotary, attention, MLP, block, and the
+record-stack options of each (partial RoPE, XSA, attention gates, document
+masks, LeakyReLU^2, LN scale, GPT-J and two-lane parallel residuals).
 
 Parameter names follow the reference (`c_q`, `attn_scale`, `resid_mix`, ...) so
 that the mapping to its state dict in `golfjax.interop` is mechanical. Kernels
@@ -21,6 +23,15 @@ def rms_norm(x: Array) -> Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
+def rope_base(base: float, rot_dims: int, seq_len: int, train_seq_len: int) -> float:
+    """NTK-style base rescale past the training length: base * (L/L_train)^(rd/(rd-2)).
+
+    train_seq_len 0 (or a sequence no longer than it) keeps the base."""
+    if train_seq_len <= 0 or seq_len <= train_seq_len or rot_dims <= 2:
+        return base
+    return base * (seq_len / train_seq_len) ** (rot_dims / (rot_dims - 2))
+
+
 def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[Array, Array]:
     """cos/sin of shape (seq_len, head_dim // 2), computed in float32."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -40,21 +51,64 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate((x1 * cos + x2 * sin, x2 * cos - x1 * sin), axis=-1)
 
 
+def apply_partial_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate only the first 2*cos.shape[-1] dims of each head; the rest carry no position."""
+    rot = 2 * cos.shape[-1]
+    if rot == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    return jnp.concatenate((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), axis=-1)
+
+
 def torch_linear_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for an (in, out) kernel."""
     bound = 1.0 / jnp.sqrt(shape[0])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def dense(features: int, name: str, dtype, zero_init: bool = False) -> nn.Dense:
-    init = nn.initializers.zeros_init() if zero_init else torch_linear_init
+def kernel_init(zero_init: bool = False, ortho_init: bool = False, std: float | None = None):
+    """Zero, normal(std), orthogonal (for matrices of at least 64x64) or torch.nn.Linear's default."""
+    if zero_init:
+        return nn.initializers.zeros_init()
+    if std is not None:
+        return nn.initializers.normal(std)
+
+    def init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        if ortho_init and min(shape) >= 64:
+            return nn.initializers.orthogonal()(key, shape, dtype)
+        return torch_linear_init(key, shape, dtype)
+
+    return init
+
+
+def dense(features: int, name: str, dtype, zero_init: bool = False, ortho_init: bool = False,
+          std: float | None = None) -> nn.Dense:
+    init = kernel_init(zero_init, ortho_init, std)
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+
+
+GRAMS = "grams"  # the collection `matrix_input_grams` makes mutable
+GRAM_SUFFIX = "__gram"
+
+
+def input_gram(x: Array) -> Array:
+    """sum over all leading axes of x^T x, in float32: a Hessian proxy for GPTQ."""
+    flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return jnp.einsum("ni,nj->ij", flat, flat, precision=jax.lax.Precision.HIGHEST)
+
+
+def sow_gram(module: nn.Module, names: tuple[str, ...], x: Array) -> None:
+    """Record the input gram of the dense layers `names` (only when grams are being collected)."""
+    if module.is_mutable_collection(GRAMS):
+        g = input_gram(x)
+        for name in names:
+            module.sow(GRAMS, name + GRAM_SUFFIX, g)
 
 
 ATTENTION_BLOCK = 128  # query rows per block of `blocked_causal_attention`
 
 
-def blocked_causal_attention(q: Array, k: Array, v: Array, block: int = ATTENTION_BLOCK) -> Array:
+def blocked_causal_attention(q: Array, k: Array, v: Array, block: int = ATTENTION_BLOCK,
+                             segments: Array | None = None) -> Array:
     """Causal GQA attention computed per block of queries against its key prefix.
 
     The arithmetic of `jax.nn.dot_product_attention(..., implementation="xla")`
@@ -67,6 +121,7 @@ def blocked_causal_attention(q: Array, k: Array, v: Array, block: int = ATTENTIO
     Layout: heads-major (B, kv_heads, group, T, head_dim), so every dot is a
     plain batched matmul with the contraction last on both sides (no per-head
     transposes inside XLA:CPU's dot emitter).
+    `segments` (B, T) ints, if given, also masks keys of another document.
     """
     batch, seq, num_heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -84,88 +139,182 @@ def blocked_causal_attention(q: Array, k: Array, v: Array, block: int = ATTENTIO
         logits = jnp.einsum("bkgqh,bksh->bkgqs", qh[:, :, :, start:end], kh[:, :, :end],
                             precision=precision, preferred_element_type=logits_dtype)
         logits = logits * scale
-        causal = np.arange(start, end)[:, None] >= np.arange(end)[None, :]
-        logits = jnp.where(causal, logits, large_negative)
+        mask = np.arange(start, end)[:, None] >= np.arange(end)[None, :]
+        if segments is not None:
+            same = segments[:, start:end, None] == segments[:, None, :end]  # (B, q, s)
+            mask = jnp.logical_and(mask, same)[:, None, None]
+        logits = jnp.where(mask, logits, large_negative)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgqs,bksh->bkgqh", probs, vh[:, :, :end]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, num_heads, head_dim)
 
 
-def attention_core(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
+def document_segments(tokens: Array, bos_id: int) -> Array:
+    """Segment id of every position: the number of BOS tokens up to and including it."""
+    return jnp.cumsum((tokens == bos_id).astype(jnp.int32), axis=-1)
+
+
+def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
+                   segments: Array | None = None) -> Array:
     """Causal GQA attention on (B, T, heads, head_dim); kv heads are shared natively.
 
     "blocked" is `blocked_causal_attention` (golfjax's CPU default); anything
-    else goes to `jax.nn.dot_product_attention` ("xla", "cudnn", None).
+    else goes to `jax.nn.dot_product_attention` ("xla", "cudnn", None). With
+    `segments` a query only sees keys of its own document (a dense (B,1,T,T) mask).
     """
     if implementation == "blocked":
-        return blocked_causal_attention(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        return blocked_causal_attention(q, k, v, segments=segments)
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+
+def exclusive_self_attention(y: Array, v: Array) -> Array:
+    """XSA: remove from each head's output its component along its own token's unit value vector.
+
+    y is (B, T, H, D), v is (B, T, Hkv, D); heads are grouped over their KV head
+    by a reshape (no repeat of v)."""
+    batch, seq, heads, head_dim = y.shape
+    kv_heads = v.shape[2]
+    yg = y.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    v32 = v.astype(jnp.float32)
+    vn = (v32 / jnp.maximum(jnp.linalg.norm(v32, axis=-1, keepdims=True), 1e-12)).astype(y.dtype)[:, :, :, None]
+    yg = yg - jnp.sum(yg * vn, axis=-1, keepdims=True) * vn
+    return yg.reshape(batch, seq, heads, head_dim)
+
+
+def rope_dims(cfg) -> int:
+    head_dim = cfg.model_dim // cfg.num_heads
+    return head_dim if cfg.rope_dims <= 0 else cfg.rope_dims
 
 
 class CausalSelfAttention(nn.Module):
-    dim: int
-    num_heads: int
-    num_kv_heads: int
-    rope_base: float
-    qk_gain_init: float
+    """q,k,v projections, q/k RMSNorm, (partial) RoPE, q_gain, causal GQA, options, out projection.
+
+    `cfg` is the ModelConfig (hashable). Options: value embedding added to v,
+    document segments, XSA, one output gate (out / gated / sparse)."""
+
+    cfg: object
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        batch, seq, _ = x.shape
-        head_dim = self.dim // self.num_heads
-        kv_dim = self.num_kv_heads * head_dim
-        q = dense(self.dim, "c_q", self.dtype)(x).reshape(batch, seq, self.num_heads, head_dim)
-        k = dense(kv_dim, "c_k", self.dtype)(x).reshape(batch, seq, self.num_kv_heads, head_dim)
-        v = dense(kv_dim, "c_v", self.dtype)(x).reshape(batch, seq, self.num_kv_heads, head_dim)
+    def __call__(self, x: Array, *, xsa: bool = False, ve: Array | None = None,
+                 segments: Array | None = None) -> Array:
+        c = self.cfg
+        batch, seq, dim = x.shape
+        head_dim = dim // c.num_heads
+        kv_dim = c.num_kv_heads * head_dim
+        sow_gram(self, ("c_q", "c_k", "c_v"), x)
+        q = dense(dim, "c_q", self.dtype, ortho_init=c.ortho_init)(x).reshape(batch, seq, c.num_heads, head_dim)
+        k = dense(kv_dim, "c_k", self.dtype, ortho_init=c.ortho_init)(x).reshape(batch, seq, c.num_kv_heads, head_dim)
+        v = dense(kv_dim, "c_v", self.dtype, ortho_init=c.ortho_init)(x)
+        if ve is not None:
+            v = v + ve.astype(v.dtype)
+        v = v.reshape(batch, seq, c.num_kv_heads, head_dim)
         q, k = rms_norm(q), rms_norm(k)
-        cos, sin = rotary_tables(seq, head_dim, self.rope_base)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q_gain = self.param("q_gain", nn.initializers.constant(self.qk_gain_init), (self.num_heads,), jnp.float32)
+        rd = rope_dims(c)
+        cos, sin = rotary_tables(seq, rd, rope_base(c.rope_base, rd, seq, c.rope_train_seq_len))
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        q_gain = self.param("q_gain", nn.initializers.constant(c.qk_gain_init), (c.num_heads,), jnp.float32)
         q = q * q_gain.astype(q.dtype)[None, None, :, None]
-        y = attention_core(q, k, v, self.attention_impl)
-        return dense(self.dim, "proj", self.dtype, zero_init=True)(y.reshape(batch, seq, self.dim))
+        y = attention_core(q, k, v, self.attention_impl, segments)
+        if xsa:
+            y = exclusive_self_attention(y, v)
+        gate = self._gate(x)
+        if gate is not None:
+            y = y * gate[..., None]
+        y = y.reshape(batch, seq, dim)
+        sow_gram(self, ("proj",), y)
+        return dense(dim, "proj", self.dtype, zero_init=True)(y)
+
+    def _gate(self, x: Array) -> Array | None:
+        """Per-head output multiplier (B, T, H) of the configured gate, or None."""
+        c = self.cfg
+        if c.gated_attn:
+            sow_gram(self, ("attn_gate",), x)
+            return jax.nn.sigmoid(dense(c.num_heads, "attn_gate", self.dtype, std=c.gated_attn_init_std)(x))
+        if c.attn_out_gate or c.sparse_attn_gate:
+            xw = x[..., : c.attn_gate_window]
+            sow_gram(self, ("attn_gate",), xw)
+            z = dense(c.num_heads, "attn_gate", self.dtype, zero_init=True)(xw)
+            if c.attn_out_gate:
+                return 2.0 * jax.nn.sigmoid(z)
+            return jax.nn.sigmoid(c.sparse_attn_gate_scale * z)
+        return None
+
+
+def mlp_activation(name: str, h: Array) -> Array:
+    """relu(h)^2 (reference) or leaky_relu(h, 0.5)^2 (records from 2026-03-23)."""
+    if name == "relu2":
+        return jnp.square(jax.nn.relu(h))
+    if name == "leaky_relu2":
+        return jnp.square(jax.nn.leaky_relu(h, 0.5))
+    raise ValueError(f"unknown mlp_act {name!r}")
 
 
 class MLP(nn.Module):
-    """relu(x W_fc)^2 W_proj, the modded-nanogpt MLP."""
+    """act(x W_fc) W_proj, the modded-nanogpt MLP (act: relu^2 or leaky_relu(0.5)^2)."""
 
     dim: int
     hidden: int
     dtype: jnp.dtype = jnp.float32
+    act: str = "relu2"
+    ortho_init: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = jax.nn.relu(dense(self.hidden, "fc", self.dtype)(x))
-        return dense(self.dim, "proj", self.dtype, zero_init=True)(jnp.square(h))
+        sow_gram(self, ("fc",), x)
+        h = dense(self.hidden, "fc", self.dtype, ortho_init=self.ortho_init)(x)
+        if self.act == "relu2":  # the reference's exact op order
+            h = jnp.square(jax.nn.relu(h))
+        else:
+            h = mlp_activation(self.act, h)
+        sow_gram(self, ("proj",), h)
+        return dense(self.dim, "proj", self.dtype, zero_init=True)(h)
+
+
+# How a block combines its sublayers (static per virtual layer):
+SERIAL, GPTJ, LANES = "serial", "gptj", "lanes"
 
 
 class Block(nn.Module):
-    """x <- m0*x + m1*x0; x += a*attn(norm x); x += s*mlp(norm x)."""
+    """x <- m0*x + m1*x0; x += a*attn(norm x); x += s*mlp(norm x).
 
-    dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_hidden: int
-    rope_base: float
-    qk_gain_init: float
+    mode GPTJ: both sublayers read the same mixed x. mode LANES: x is a pair
+    (lane0, lane1); attention reads mix(lane0, x0), the MLP reads lane1, and
+    `lane_lambdas` = (r (2,), P (2 sources, 2 lanes)) route the outputs.
+    `layer` is the physical block index (for the LN scale 1/sqrt(layer+1))."""
+
+    cfg: object
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array, x0: Array) -> Array:
+    def __call__(self, x, x0: Array, layer: Array | int = 0, *, xsa: bool = False, mode: str = SERIAL,
+                 ve: Array | None = None, segments: Array | None = None, lane_lambdas=None):
+        c = self.cfg
         ones = nn.initializers.ones_init()
-        mix = self.param("resid_mix", lambda k, s: jnp.stack([jnp.ones(s[1]), jnp.zeros(s[1])]), (2, self.dim))
-        attn_scale = self.param("attn_scale", ones, (self.dim,), jnp.float32)
-        mlp_scale = self.param("mlp_scale", ones, (self.dim,), jnp.float32)
-        mix = mix.astype(x.dtype)
+        mix = self.param("resid_mix", lambda k, s: jnp.stack([jnp.ones(s[1]), jnp.zeros(s[1])]), (2, c.model_dim))
+        attn_scale = self.param("attn_scale", ones, (c.model_dim,), jnp.float32)
+        mlp_scale = self.param("mlp_scale", ones, (c.model_dim,), jnp.float32)
+        mix = mix.astype(x0.dtype)
+        attn = CausalSelfAttention(c, self.dtype, self.attention_impl, name="attn")
+        mlp = MLP(c.model_dim, int(c.mlp_mult * c.model_dim), self.dtype, c.mlp_act, c.ortho_init, name="mlp")
+        if c.ln_scale:
+            s = jax.lax.rsqrt(jnp.asarray(layer, jnp.float32) + 1.0).astype(x0.dtype)
+            norm = lambda h: rms_norm(h) * s
+        else:
+            norm = rms_norm
+        sub_attn = lambda h: attn(norm(h), xsa=xsa, ve=ve, segments=segments)
+        if mode == LANES:
+            lane0, lane1 = x
+            r, p = (a.astype(x0.dtype) for a in lane_lambdas)
+            a = attn_scale.astype(x0.dtype) * sub_attn(mix[0] * lane0 + mix[1] * x0)
+            m = mlp_scale.astype(x0.dtype) * mlp(norm(lane1))
+            return (r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m)
         x = mix[0] * x + mix[1] * x0
-        attn = CausalSelfAttention(
-            self.dim, self.num_heads, self.num_kv_heads, self.rope_base, self.qk_gain_init,
-            self.dtype, self.attention_impl, name="attn",
-        )
-        x = x + attn_scale.astype(x.dtype) * attn(rms_norm(x))
-        mlp = MLP(self.dim, self.mlp_hidden, self.dtype, name="mlp")
-        return x + mlp_scale.astype(x.dtype) * mlp(rms_norm(x))
+        if mode == GPTJ:
+            return x + attn_scale.astype(x.dtype) * sub_attn(x) + mlp_scale.astype(x.dtype) * mlp(norm(x))
+        x = x + attn_scale.astype(x.dtype) * sub_attn(x)
+        return x + mlp_scale.astype(x.dtype) * mlp(norm(x))
