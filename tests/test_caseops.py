@@ -190,3 +190,23 @@ def test_cli_builds_a_caseops_tokenizer_and_shards(tmp_path):
     refused = run("caseops", src, "--tokenizer", plain, "--out", str(tmp_path / "e"), "--num-val-docs", "5")
     assert refused.returncode == 1
     assert refused.stderr.strip().startswith("error: tokenizer has no single piece for CaseOps operator")
+
+
+def test_evaluation_bytes_for_the_evaluator(docs, caseops_sp, tmp_path):
+    from dataclasses import replace
+
+    from golfjax.config import Config
+
+    prepare.tokenize_caseops_to_shards(docs[:8], caseops_sp, tmp_path, num_val_docs=5, progress=False)
+    c = Config()
+    cfg = replace(c, data=replace(c.data, data_path=str(tmp_path), val_pattern=co.VAL_TOKEN_PATTERN))
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in sorted(tmp_path.glob(co.VAL_TOKEN_PATTERN))])
+    assert co.evaluation_bytes(cfg, tokens) is None  # CaseOps off: the byte tables count
+    on = replace(cfg, caseops=replace(c.caseops, caseops_enabled=True))
+    side = co.evaluation_bytes(on, tokens)
+    assert len(side) == len(tokens) and bpb.sidecar_stream_bytes(side) == sum(len(d.encode()) for d in docs[:5])
+    default_pattern = replace(on, data=replace(on.data, val_pattern="fineweb_val_*.bin"))
+    with pytest.raises(co.CaseOpsError, match="also matches the CaseOps byte sidecar"):
+        co.evaluation_bytes(default_pattern, tokens)
+    with pytest.raises(co.CaseOpsError, match="entries, the validation stream"):
+        co.evaluation_bytes(on, tokens[:-3])

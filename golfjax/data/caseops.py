@@ -284,3 +284,29 @@ def piece_surface_bytes(sp: spm.SentencePieceProcessor, ids: Sequence[int]) -> l
             total += len(ch.encode("utf-8"))
         out.append(total)
     return out
+
+
+def evaluation_bytes(cfg, tokens: np.ndarray) -> np.ndarray | None:
+    """The per-position byte vector for `Evaluator(position_bytes_override=...)`, or None.
+
+    None unless `cfg.caseops.caseops_enabled`; then the validation byte sidecar
+    aligned with `tokens` (the untruncated validation stream loaded with
+    `cfg.data.val_pattern`), after checking that the pattern does not also
+    pick up the sidecar shards and that the sidecar covers the stream.
+    """
+    c = cfg.caseops
+    if not c.caseops_enabled:
+        return None
+    data_dir = Path(cfg.data.data_path)
+    pattern = cfg.data.val_pattern
+    side = sorted(p.name for p in data_dir.glob(c.val_bytes_pattern))
+    clash = [name for name in side if Path(name).match(pattern)]
+    if clash:
+        raise CaseOpsError(
+            f"data.val_pattern {pattern!r} also matches the CaseOps byte sidecar ({clash[0]}): "
+            f"set data.val_pattern={VAL_TOKEN_PATTERN!r} (VAL_PATTERN) for CaseOps data"
+        )
+    sidecar = load_val_byte_sidecar(data_dir, None, pattern)
+    if len(sidecar) != len(tokens):
+        raise CaseOpsError(f"the byte sidecar has {len(sidecar)} entries, the validation stream {len(tokens)} tokens")
+    return sidecar
