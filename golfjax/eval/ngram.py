@@ -142,7 +142,8 @@ class OrderCounts:
     joint: times (context, tokens[p]) occurred before p.
     types: distinct tokens that followed the context before p.
     best, best_count: the most frequent follower before p (first to reach the
-        count wins ties) and its count; best = -1 when ctx == 0.
+        count wins ties) and its count; best = -1 when ctx == 0 (empty arrays
+        unless asked for with with_best).
     """
 
     ctx: np.ndarray
@@ -161,8 +162,9 @@ def order_counts(tokens: np.ndarray, order: int, with_best: bool = False) -> Ord
     """
     tokens = np.asarray(tokens).astype(np.int64)
     n = len(tokens)
-    out = {name: np.zeros(n, np.int64) for name in ("ctx", "joint", "types", "best_count")}
-    out["best"] = np.full(n, -1, np.int64)
+    out = {name: np.zeros(n, np.int64) for name in ("ctx", "joint", "types")}
+    out["best"] = np.full(n if with_best else 0, -1, np.int64)  # left empty when not asked for
+    out["best_count"] = np.zeros(n if with_best else 0, np.int64)
     if n <= order:
         return OrderCounts(**out)
     m = n - order
