@@ -107,3 +107,17 @@ def test_tampered_artifact_is_one_error_line(tmp_path, script):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {path}: payload checksum mismatch (sha256): "
                                                 "the file is corrupted or was modified"]
+
+
+def test_over_budget_export_fails_with_the_breakdown(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GOLFJAX_DEBUG")}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "--checkpoint",
+                           str(run_dir / "checkpoint"), "--out", str(tmp_path / "m.golf"), "--scheme", "int8-zlib",
+                           "--set", "export.codec=zlib", "--set", "export.artifact_limit_bytes=50000"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: artifact over budget by ") and "> limit 50000" in lines[0]
+    assert lines[1] == "largest tensors:" and lines[2].split()[0] == "tok_emb.weight"
+    assert len(lines) == 7  # the five largest
