@@ -490,6 +490,18 @@ def validate(config: Config) -> None:
     check_training_options(config)
     if config.export.code_bytes_mode not in ("raw", "compressed"):
         raise ConfigError(f"code_bytes_mode must be raw or compressed, got {config.export.code_bytes_mode!r}")
+    _validate_export_codec(config.export)
+
+
+def _validate_export_codec(e: ExportConfig) -> None:
+    """An export scheme or codec typo fails before training, not at the export after it."""
+    from golfjax.export.artifact import ArtifactError
+    from golfjax.export.pipeline import get_recipe, resolve_codec
+
+    try:
+        resolve_codec(get_recipe(e.scheme), Config(export=e))
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 EVAL_MODES = ("plain", "sliding", "ttt", "sliding+ngram", "ttt+ngram")

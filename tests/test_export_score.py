@@ -121,3 +121,16 @@ def test_over_budget_export_fails_with_the_breakdown(trained_run, tmp_path):
     assert lines[0].startswith("error: artifact over budget by ") and "> limit 50000" in lines[0]
     assert lines[1] == "largest tensors:" and lines[2].split()[0] == "tok_emb.weight"
     assert len(lines) == 7  # the five largest
+
+
+@pytest.mark.parametrize("item, message", [
+    ("export.scheme=int7-magic", "unknown export scheme 'int7-magic'; known: int8-zlib, int6-zstd"),
+    ("export.codec=shuffle2+gzip", "unknown codec 'shuffle2+gzip'"),
+    ("export.pergroup_codecs=zlib,rar", "unknown codec 'rar'"),
+])
+def test_export_typos_fail_when_the_config_is_resolved(item, message):
+    from golfjax.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        resolve(None, [item], environ={})
+    resolve(None, ["export.scheme=gptq-lqer-pergroup", "export.pergroup_codecs=zlib,shuffle2+lzma"], environ={})

@@ -184,7 +184,7 @@ def resolve_codec(recipe: Recipe, cfg: Config) -> tuple[str, tuple[str, ...]]:
     names = [c.strip() for c in cfg.export.pergroup_codecs.split(",") if c.strip()]
     candidates = tuple(names) or codecs.PERGROUP_CANDIDATES
     try:
-        for spec in (candidates if codec == artifact.PERGROUP else (codec,)):
+        for spec in (*names, *(candidates if codec == artifact.PERGROUP else (codec,))):
             codecs.parse_spec(spec)
     except codecs.CodecError as exc:
         raise artifact.ArtifactError(f"export codec: {exc} (or {artifact.PERGROUP!r})") from exc
