@@ -68,11 +68,16 @@ def main() -> int:
     print(f"float val_bpb:{float_bpb:.6f} eval:{time.perf_counter() - t:.1f}s", flush=True)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], []
     for spec in schemes:
         scheme, _, codec = spec.partition("@")
         run_cfg = replace(cfg, export=replace(cfg.export, codec=codec)) if codec else cfg
-        report = export_params(params, run_cfg, out_dir / f"{spec.replace('@', '_at_')}.golf", scheme)
+        try:
+            report = export_params(params, run_cfg, out_dir / f"{spec.replace('@', '_at_')}.golf", scheme)
+        except (ValueError, RuntimeError) as exc:  # e.g. "not implemented yet": report it, go on
+            print(f"{spec}: failed: {exc}", flush=True)
+            failed.append({"scheme": spec, "error": str(exc)})
+            continue
         _, q_params = load_artifact_params(report.path)
         result = evaluator.evaluate(put_replicated(q_params, mesh), tokens)
         row = {"scheme": spec, "codec": report.codec, "model_bytes": report.model_bytes,
@@ -81,9 +86,9 @@ def main() -> int:
                "streams": [f"{s['name']}:{s['codec']}" for s in report.streams]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for line in markdown(rows):
+    for line in markdown(rows) if rows else []:
         print(line)
-    print(json.dumps({"float_val_bpb": float_bpb, "rows": rows}))
+    print(json.dumps({"float_val_bpb": float_bpb, "rows": rows, "failed": failed}))
     return 0
 
 

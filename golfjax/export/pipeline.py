@@ -13,6 +13,8 @@ A *recipe* (:data:`SCHEMES`) names a quantization plan and a codec:
 | int6-brotli | as int6-zstd | byte shuffle + brotli 11 |
 | gptq-int6-sdclip | full-Hessian GPTQ, attn/MLP int6 SDClip k=12.85, tied embedding int8 k=20 (output-side Hessian) | byte shuffle + brotli 11 |
 | gptq-lqer-pergroup | gptq-int6-sdclip + LQER (rank 4 on the 3 worst matrices, asymmetric int2/int4, groups of 64) | per-group |
+| int6-sdclip-brotli | gptq-int6-sdclip's scales with round-to-nearest (no calibration) | byte shuffle + brotli 11 |
+| int6-sdclip-lqer-pergroup | int6-sdclip-brotli + LQER as above | per-group |
 | custom | the quant_* fields of ExportConfig (``quant.plan_from_config``) | ExportConfig.codec |
 
 ``ExportConfig.codec`` (when set) replaces a recipe's codec. Quantizers other
@@ -101,6 +103,8 @@ _INT8_ROW = {"bits": 8, "clip": "percentile", "clip_q": INT8_CLIP_Q}
 _INT6_SEARCH = {"bits": 6, "clip": "search"}
 _GPTQ_INT6 = {"bits": 6, "clip": "sdclip", "sdclip_k": 12.85, "gptq": True}
 _GPTQ_EMBED = {"bits": 8, "clip": "sdclip", "sdclip_k": 20.0, "gptq": True}
+_SDCLIP_INT6 = {**_GPTQ_INT6, "gptq": False}
+_SDCLIP_EMBED = {**_GPTQ_EMBED, "gptq": False}
 _LQER = {"lqer_rank": 4, "lqer_top_k": 3, "lqer_asym": True, "lqer_group": 64}
 
 SCHEMES: dict[str, Recipe] = {
@@ -114,6 +118,13 @@ SCHEMES: dict[str, Recipe] = {
     "gptq-lqer-pergroup": Recipe("gptq-lqer-pergroup", artifact.PERGROUP,
                                  {"attn": _GPTQ_INT6, "mlp": _GPTQ_INT6, "embed": _GPTQ_EMBED, "other": _INT8_ROW},
                                  plan_options=_LQER),
+    # Without calibration (no GPTQ): the SDClip scales with round-to-nearest.
+    "int6-sdclip-brotli": Recipe("int6-sdclip-brotli", "shuffle2+brotli",
+                                 {"attn": _SDCLIP_INT6, "mlp": _SDCLIP_INT6, "embed": _SDCLIP_EMBED,
+                                  "other": _INT8_ROW}),
+    "int6-sdclip-lqer-pergroup": Recipe("int6-sdclip-lqer-pergroup", artifact.PERGROUP,
+                                        {"attn": _SDCLIP_INT6, "mlp": _SDCLIP_INT6, "embed": _SDCLIP_EMBED,
+                                         "other": _INT8_ROW}, plan_options=_LQER),
     "custom": Recipe("custom", "zlib", from_config=True),
 }
 
