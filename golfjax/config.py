@@ -225,6 +225,13 @@ class EvalConfig:
     # Between document batches keep A and zero B (TOP) instead of re-initialising both.
     ttt_lora_warm_a: bool = False
     ttt_lora_steps_per_call: int = 16
+    # Phased global TTT (ttt_variant="phased" = LoRA TTT plus these pauses): after each of
+    # these counts of scored documents ("666,1333,2000"), full-model SGD (ttt_chunk_tokens
+    # chunks, ttt_batch_seqs, momentum, clip, cosine over chunks) on every document scored
+    # so far, then the queue resumes with the updated base model. R0413: "2000", lr 0.005, 3 epochs.
+    ttt_phase_docs: str = ""
+    ttt_phase_lr: float = 0.005
+    ttt_phase_epochs: int = 3
 
 
 @dataclass(frozen=True)
@@ -519,6 +526,14 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError(f"ttt_variant must be full, lora or phased, got {e.ttt_variant!r}")
     if e.ttt_chunk_tokens <= 0 or e.ttt_epochs < 0 or e.ttt_batch_seqs <= 0 or e.ttt_chunks_per_call <= 0:
         raise ConfigError("ttt_chunk_tokens, ttt_batch_seqs, ttt_chunks_per_call must be positive, ttt_epochs >= 0")
+    try:
+        phases = [int(x) for x in e.ttt_phase_docs.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"ttt_phase_docs must be comma-separated document counts, got {e.ttt_phase_docs!r}") from None
+    if phases != sorted(set(phases)) or any(p <= 0 for p in phases):
+        raise ConfigError(f"ttt_phase_docs must be increasing positive counts, got {e.ttt_phase_docs!r}")
+    if e.ttt_variant == "phased" and not phases:
+        raise ConfigError("ttt_variant=phased needs ttt_phase_docs (e.g. 666,1333,2000)")
     if min(e.ttt_lora_rank, e.ttt_lora_chunk, e.ttt_lora_docs, e.ttt_lora_steps_per_call) <= 0:
         raise ConfigError("ttt_lora_rank, ttt_lora_chunk, ttt_lora_docs and ttt_lora_steps_per_call must be positive")
     if e.ttt_seq_len < 0 or e.ttt_freeze_blocks < 0 or e.ttt_grad_clip < 0:

@@ -98,9 +98,13 @@ def test_full_last_chunk_is_not_trained_and_shapes_are_checked():
         check_ttt_shapes(EvalConfig(ttt_chunk_tokens=5 * 64, ttt_batch_seqs=2), 64)
 
 
-def test_undeclared_variants_say_not_implemented(setup):  # noqa: F811
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        run(setup, setup[2][:600], **{**TTT, "ttt_variant": "phased"})
+def test_phased_needs_its_boundaries():
+    from golfjax.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="ttt_phase_docs"):
+        resolve(None, ["eval.ttt_variant=phased"])
+    with pytest.raises(ConfigError, match="increasing"):
+        resolve(None, ["eval.ttt_variant=phased", "eval.ttt_phase_docs=20,10"])
 
 
 def test_frozen_blocks_do_not_move(setup):  # noqa: F811
@@ -189,3 +193,30 @@ def test_lora_ttt_scores_every_target_once_before_adapting(lora_runs):
     np.testing.assert_array_equal(a[1:q], b[1:q])
     np.testing.assert_array_equal(a[241:], b[241:])  # document 3 has its own adapters
     assert np.all(a[q:240] != b[q:240])
+
+
+def test_phased_global_sgd_trains_only_on_scored_documents(setup):  # noqa: F811
+    """Four documents, two per batch (longest first), one global SGD phase after 2 documents.
+    The first batch is scored as by LoRA TTT alone; the second by the updated base model
+    (its scores change); and changing a document of the second batch changes nothing of the
+    other documents: the phase never trained on a document it had not scored."""
+    sp = setup[0]
+    tokens = setup[2]
+    bos = np.flatnonzero(tokens == sp.bos_id())[:4]
+    lengths = (130, 125, 120, 115)
+    stream = np.concatenate([tokens[b : b + n] for b, n in zip(bos, lengths)])
+    starts = np.cumsum((0,) + lengths)  # documents at [starts[i], starts[i+1]]
+    phased = dict(LORA, ttt_variant="phased", ttt_phase_docs="2", ttt_phase_lr=0.05, ttt_phase_epochs=2,
+                  ttt_chunk_tokens=128, ttt_batch_seqs=2)
+    n = len(stream)
+    lora = nll_by_position(run(setup, stream, devices=1, **LORA), n)
+    base = nll_by_position(run(setup, stream, devices=1, **phased), n)
+    changed = stream.copy()
+    q = starts[3] + 40  # inside the last (shortest) document, scored after the phase
+    changed[q : starts[4]] = (changed[q : starts[4]].astype(np.int64) * 7 + 3) % 1000 + 8
+    other = nll_by_position(run(setup, changed, devices=1, **phased), n)
+    first = slice(1, starts[2] + 1)  # documents 1 and 2 (the first batch), through their last target
+    np.testing.assert_array_equal(base[first], lora[first])
+    assert np.mean(np.abs(base[starts[2] + 1 :] - lora[starts[2] + 1 :])) > 1e-4
+    np.testing.assert_array_equal(other[:q], base[:q])
+    assert np.all(other[q : starts[4]] != base[q : starts[4]])

@@ -182,14 +182,14 @@ class Evaluator:
         if base in ("sliding", "plain"):
             totals = evaluate_windows(params, self.cfg.model, tokens, pbytes, win, self.mesh, e.eval_batch_windows,
                                       mix=mix, record=record, progress=self.progress, timings=seconds)
-        elif base == "ttt" and e.ttt_variant == "lora":
+        elif base == "ttt" and e.ttt_variant in ("lora", "phased"):
             from golfjax.eval.ttt_lora import evaluate_lora_ttt
 
             if mix is not None:
                 raise NotImplementedError("not implemented yet: n-gram with LoRA TTT")
             totals = evaluate_lora_ttt(params, self.cfg.model, e, tokens, pbytes, self.mesh, self.seq_len,
                                        bos_id=self.bos_id, record=record, progress=self.progress, timings=seconds)
-            info.update({"ttt_variant": "lora", "ttt_lora_rank": e.ttt_lora_rank, "ttt_lora_chunk": e.ttt_lora_chunk})
+            info.update({"ttt_variant": e.ttt_variant, "ttt_phase_docs": e.ttt_phase_docs, "ttt_lora_rank": e.ttt_lora_rank, "ttt_lora_chunk": e.ttt_lora_chunk})
         elif base == "ttt":
             from golfjax.eval.ttt import evaluate_ttt
 

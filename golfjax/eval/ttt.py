@@ -93,16 +93,71 @@ def _freeze_mask(params, freeze_blocks: int):
     return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
+def sgd_on_chunk(cfg: ModelConfig, ecfg: EvalConfig, row_sharding, seq_len: int, carry, toks, lr, epochs: int):
+    """`epochs` passes of momentum SGD over one chunk's tokens (C + 1 of them: inputs and
+    shifted targets), in sequences of ttt_seq_len, batches of ttt_batch_seqs; global-norm
+    clip; the first ttt_freeze_blocks blocks frozen. Torch SGD: buf = m*buf + g; p -= lr*buf."""
+    C = ecfg.ttt_chunk_tokens
+    S = ecfg.ttt_seq_len or seq_len
+    n_seq = C // S
+    batch = min(ecfg.ttt_batch_seqs, n_seq)
+    steps = n_seq // batch
+    params, mom = carry
+    xs, ys = toks[:-1].reshape(n_seq, S), toks[1:].reshape(n_seq, S)
+    mask = _freeze_mask(params, ecfg.ttt_freeze_blocks)
+
+    def step(carry, i):
+        params, mom = carry
+        b = i % steps
+        x = jax.lax.dynamic_slice_in_dim(xs, b * batch, batch)
+        y = jax.lax.dynamic_slice_in_dim(ys, b * batch, batch)
+        x, y = (jax.lax.with_sharding_constraint(a, row_sharding) for a in (x, y))
+        grads = jax.grad(lambda p: jnp.mean(gpt.token_nll(p, cfg, x, y)))(params)
+        grads = jax.tree.map(lambda g, m: g * m, grads, mask)
+        if ecfg.ttt_grad_clip > 0:
+            norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+            scale = jnp.minimum(1.0, ecfg.ttt_grad_clip / (norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+        mom = jax.tree.map(lambda m, g: ecfg.ttt_momentum * m + g, mom, grads)
+        params = jax.tree.map(lambda p, m: p - lr * m, params, mom)
+        return (params, mom), None
+
+    (params, mom), _ = jax.lax.scan(step, (params, mom), jnp.arange(epochs * steps))
+    return params, mom
+
+
+@functools.lru_cache(maxsize=4)
+def make_global_sgd(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, epochs: int) -> Callable:
+    """Jitted (params, momentum, chunk tokens (C + 1,), lr) -> (params, momentum): one chunk of SGD."""
+    rows = sharded_along(mesh, 0, 2)
+    fn = lambda params, mom, toks, lr: sgd_on_chunk(cfg, ecfg, rows, seq_len, (params, mom), toks, lr, epochs)
+    rep = replicated(mesh)
+    return jax.jit(fn, in_shardings=rep, out_shardings=rep)
+
+
+def global_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, mesh: Mesh, seq_len: int,
+               lr: float, epochs: int):
+    """Full-model SGD over a flat token stream in chunks of ttt_chunk_tokens with a cosine LR over
+    the chunks (phased TTT's global step); a partial last chunk is dropped. Returns new params."""
+    C = ecfg.ttt_chunk_tokens
+    n = (len(tokens) - 1) // C
+    if n == 0:
+        return params
+    step = make_global_sgd(cfg, ecfg, mesh, seq_len, epochs)
+    mom = jax.tree.map(jnp.zeros_like, params)
+    toks = np.asarray(tokens, np.int32)
+    for c in range(n):
+        scale = 0.5 * (1.0 + math.cos(math.pi * c / max(n - 1, 1)))
+        params, mom = step(params, mom, put_replicated(toks[c * C : (c + 1) * C + 1], mesh), np.float32(lr * scale))
+    return params
+
+
 @functools.lru_cache(maxsize=8)  # one compile per shape, across evaluate() calls
 def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, rows: int,
                   combine: Callable | None) -> Callable:
     """Jitted scan over a block of chunks: (carry, stream, windows..., chunk ids, train, lr, mix)
     -> (carry, per-chunk NLL (G, C), per-chunk score counts (G, C))."""
     C = ecfg.ttt_chunk_tokens
-    S = ecfg.ttt_seq_len or seq_len
-    n_seq = C // S
-    batch = min(ecfg.ttt_batch_seqs, n_seq)
-    steps = n_seq // batch
     row_sharding = sharded_along(mesh, 0, 2)
     j = jnp.arange(seq_len)
 
@@ -132,29 +187,8 @@ def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, 
         return nll_c, cnt_c
 
     def adapt(carry, stream, c, lr):
-        params, mom = carry
         toks = jax.lax.dynamic_slice(stream, (c * C,), (C + 1,))
-        xs, ys = toks[:-1].reshape(n_seq, S), toks[1:].reshape(n_seq, S)
-        mask = _freeze_mask(params, ecfg.ttt_freeze_blocks)
-
-        def step(carry, i):
-            params, mom = carry
-            b = i % steps
-            x = jax.lax.dynamic_slice_in_dim(xs, b * batch, batch)
-            y = jax.lax.dynamic_slice_in_dim(ys, b * batch, batch)
-            x, y = (jax.lax.with_sharding_constraint(a, row_sharding) for a in (x, y))
-            grads = jax.grad(lambda p: jnp.mean(gpt.token_nll(p, cfg, x, y)))(params)
-            grads = jax.tree.map(lambda g, m: g * m, grads, mask)
-            if ecfg.ttt_grad_clip > 0:
-                norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-                scale = jnp.minimum(1.0, ecfg.ttt_grad_clip / (norm + 1e-6))
-                grads = jax.tree.map(lambda g: g * scale, grads)
-            mom = jax.tree.map(lambda m, g: ecfg.ttt_momentum * m + g, mom, grads)
-            params = jax.tree.map(lambda p, m: p - lr * m, params, mom)
-            return (params, mom), None
-
-        (params, mom), _ = jax.lax.scan(step, (params, mom), jnp.arange(ecfg.ttt_epochs * steps))
-        return params, mom
+        return sgd_on_chunk(cfg, ecfg, row_sharding, seq_len, carry, toks, lr, ecfg.ttt_epochs)
 
     def run(carry, stream, starts, lengths, firsts, chunk_ids, train, lr, arrays):
         def body(carry, xs):

@@ -108,12 +108,17 @@ def _nll(logits, y):
     return logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
 
 
-@functools.lru_cache(maxsize=4)
 def make_lora_steps(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, steps: int):
     """Jitted scan of `steps` chunk steps for one batch of documents:
     (lora, adam, t, params, stream, doc_start, doc_targets, k0) -> (lora, adam, t, nll (S, D, L), pos (S, D, L))."""
-    cs, scale = ecfg.ttt_lora_chunk, (ecfg.ttt_lora_alpha / ecfg.ttt_lora_rank if ecfg.ttt_lora_alpha else 1.0)
-    b1, b2, eps, wd, lr = ecfg.ttt_lora_beta1, ecfg.ttt_lora_beta2, 1e-10, ecfg.ttt_lora_wd, ecfg.ttt_lora_lr
+    scale = ecfg.ttt_lora_alpha / ecfg.ttt_lora_rank if ecfg.ttt_lora_alpha else 1.0
+    adamw = (ecfg.ttt_lora_beta1, ecfg.ttt_lora_beta2, ecfg.ttt_lora_wd, ecfg.ttt_lora_lr)
+    return _lora_steps(cfg, mesh, seq_len, steps, ecfg.ttt_lora_chunk, scale, adamw)
+
+
+@functools.lru_cache(maxsize=4)  # keyed by what the compiled steps depend on, not the whole EvalConfig
+def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int, scale: float, adamw: tuple):
+    (b1, b2, wd, lr), eps = adamw, 1e-10
     j = jnp.arange(seq_len)
 
     def step(carry, k):
@@ -169,6 +174,16 @@ def doc_batches(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> list[np
     return [seg[i : i + docs_per_batch] for i in range(0, len(seg), docs_per_batch)]
 
 
+def phase_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, docs: list, mesh: Mesh,
+              seq_len: int):
+    """Phased TTT's pause: full-model SGD on the concatenated tokens of already scored documents
+    (each [BOS_i, BOS_i+1); context may cross documents inside a training sequence)."""
+    from golfjax.eval.ttt import global_sgd
+
+    stream = np.concatenate([np.asarray(tokens[a:b]) for a, b in docs] + [np.asarray(tokens[docs[-1][1]:][:1])])
+    return global_sgd(params, cfg, ecfg, stream, mesh, seq_len, ecfg.ttt_phase_lr, ecfg.ttt_phase_epochs)
+
+
 def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, position_bytes: np.ndarray,
                       mesh: Mesh, seq_len: int, bos_id: int = 1, record: bool = False, progress: bool = True,
                       timings: dict | None = None, seed: int = 0) -> Totals:
@@ -184,6 +199,9 @@ def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.nda
     totals = Totals(positions=[] if record else None, nlls=[] if record else None)
     seen = np.zeros(len(tokens), np.int32)
     t_compile = 0.0
+    phases = [int(x) for x in ecfg.ttt_phase_docs.split(",") if x.strip()] if ecfg.ttt_variant == "phased" else []
+    scored_docs: list[np.ndarray] = []  # segments fully scored so far, in queue order
+    t_phases = 0.0
     for bi, seg in enumerate(tqdm(batches, desc="lora-ttt", unit="docs", disable=None if progress else True,
                                   leave=False)):
         n = len(seg)
@@ -209,9 +227,15 @@ def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.nda
                 np.add.at(seen, pos[s][scored], 1)
                 totals.add(nll[s], pos[s], scored, position_bytes)
         lora = state[0]
+        scored_docs.extend(seg)
+        while phases and len(scored_docs) >= phases[0]:  # pause: global SGD on scored documents only
+            tp = time.perf_counter()
+            params = phase_sgd(params, cfg, ecfg, tokens, scored_docs[: phases.pop(0)], mesh, seq_len)
+            t_phases += time.perf_counter() - tp
     if not (seen[0] == 0 and np.all(seen[1:] == 1)):
         raise AssertionError(f"LoRA TTT scored positions {int(seen.min())}..{int(seen.max())} times")
     if timings is not None:
         timings["first_call_with_compile"] = t_compile
+        timings["global_sgd_phases"] = t_phases
         timings["ttt_loop"] = time.perf_counter() - t0
     return totals
