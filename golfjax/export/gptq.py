@@ -48,8 +48,8 @@ def upper_cholesky_of_inverse(h: np.ndarray, damp: float = DEFAULT_DAMP, retries
     extra = damp * float(np.mean(np.diagonal(h)))
     for attempt in range(retries + 1):
         try:
-            lower = np.linalg.cholesky(h)
-            inv = np.linalg.solve(lower.T, np.linalg.solve(lower, eye))
+            lower_inv = np.linalg.inv(np.linalg.cholesky(h))  # H^-1 = L^-T L^-1
+            inv = lower_inv.T @ lower_inv
             return np.linalg.cholesky(0.5 * (inv + inv.T)).T
         except np.linalg.LinAlgError:
             if attempt == retries:
