@@ -238,7 +238,12 @@ def load_val_byte_sidecar(data_dir: str | Path, n_tokens: int | None = None,
     sidecar = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     if n_tokens is not None:
         if n_tokens > len(sidecar):
-            raise CaseOpsError(f"the sidecar has {len(sidecar)} entries, fewer than the {n_tokens} tokens to score")
+            hint = ""
+            if n_tokens == 2 * len(sidecar) or n_tokens > len(sidecar) + 1:
+                hint = (f"; if data.val_pattern also matches the sidecar shards {VAL_BYTES_PATTERN} (the default "
+                        f"'fineweb_val_*.bin' does), set data.val_pattern={VAL_TOKEN_PATTERN!r}")
+            raise CaseOpsError(
+                f"the sidecar has {len(sidecar)} entries, fewer than the {n_tokens} tokens to score{hint}")
         sidecar = sidecar[:n_tokens]
     return sidecar
 
