@@ -369,8 +369,10 @@ def _validate(ctx: _Run, state, progress: Progress, clock: TrainClock) -> EvalRe
 
 
 def recurrence_start_frac(cfg: Config) -> float:
-    """model.recur_start_frac (0 when the model has no such switch): the training fraction
+    """model.recur_start_frac (0 when the model has no recurrence): the training fraction
     from which the depth-recurrent step runs."""
+    if getattr(cfg.model, "recur_loops", 0) <= 0:
+        return 0.0
     return float(getattr(cfg.model, "recur_start_frac", 0.0))
 
 
