@@ -254,3 +254,10 @@ def test_every_int_k_scheme_is_registered() -> None:
                 name = quant.intk_scheme(bits, packed, kind)
                 assert name in quant.SCHEME_ARRAYS and name in quant._DEQUANTIZERS
     assert quant.REFERENCE_SCHEMES < set(quant.SCHEME_ARRAYS)
+
+
+def test_rules_are_hashable_values() -> None:
+    rule = QuantRule(bits=5, clip="search", percentiles=[0.99, 1])
+    assert rule.percentiles == (0.99, 1.0)
+    assert hash(rule) == hash(QuantRule(bits=5, clip="search", percentiles=(0.99, 1.0)))
+    assert hash(QuantPlan(mlp=rule)) == hash(QuantPlan(mlp=rule))

@@ -235,6 +235,7 @@ class QuantRule:
     lqer: bool = True  # may receive an LQER correction (when the plan's lqer_rank > 0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))  # hashable
         if self.bits not in INT_BITS:
             raise ValueError(f"quantization bits must be one of {INT_BITS}, got {self.bits}")
         if self.clip not in CLIP_METHODS:
