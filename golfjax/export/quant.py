@@ -512,7 +512,9 @@ def tensor_role(name: str) -> str:
 
 
 def is_gate_tensor(name: str, t: np.ndarray, plan: QuantPlan) -> bool:
-    return t.ndim == 2 and any(p in name for p in plan.gate_patterns) and not is_control_tensor(name)
+    """A 2-D tensor matching the plan's gate patterns: int8 rows, ahead of the passthrough and
+    control-tensor rules (TOP routes its attention gate this way although it is a control tensor)."""
+    return t.ndim == 2 and any(p in name for p in plan.gate_patterns)
 
 
 def quantize_gate_int8(t: np.ndarray) -> QuantizedTensor:
