@@ -259,3 +259,17 @@ def test_training_run_ends_with_the_configured_eval_mode(golden_shards, tmp_path
     assert len(mode) == 1 and mode[0]["mode"] == "sliding"
     assert mode[0]["tokens_scored"] == result.roundtrip.tokens  # the run's stream is already truncated
     assert events[-1]["event"] == "final" and result.artifact_total_bytes > 0
+
+
+def test_load_byte_sidecar_uses_caseops_checks_and_cuts_to_the_stream(monkeypatch):
+    """CaseOps off: no sidecar (byte tables); on: caseops.evaluation_bytes over the whole
+    validation stream, cut to the tokens the run scores (the training loop's stream is truncated)."""
+    from golfjax.data import caseops
+    from golfjax.eval import evaluator
+
+    cfg = Config()
+    assert evaluator.load_byte_sidecar(cfg, 5) is None
+    on = replace(cfg, caseops=replace(cfg.caseops, caseops_enabled=True))
+    monkeypatch.setattr(evaluator, "load_validation_stream", lambda c: np.arange(10))
+    monkeypatch.setattr(caseops, "evaluation_bytes", lambda c, toks: 2 * np.asarray(toks))
+    np.testing.assert_array_equal(evaluator.load_byte_sidecar(on, 3), [0, 2, 4])

@@ -87,13 +87,14 @@ def load_validation_stream(cfg: Config) -> np.ndarray:
 
 
 def load_byte_sidecar(cfg: Config, n_tokens: int) -> np.ndarray | None:
-    """The CaseOps byte sidecar of the validation stream when the config enables CaseOps, else None."""
+    """The CaseOps byte sidecar of the first n_tokens of the validation stream when the config
+    enables CaseOps (checked by `caseops.evaluation_bytes`: pattern clash, alignment), else None."""
     section = getattr(cfg, "caseops", None)
     if section is None or not getattr(section, "caseops_enabled", False):
         return None
     from golfjax.data import caseops
 
-    return caseops.load_val_byte_sidecar(cfg.data.data_path, n_tokens)
+    return caseops.evaluation_bytes(cfg, load_validation_stream(cfg))[:n_tokens]
 
 
 def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
