@@ -48,7 +48,7 @@ def synthetic_step(cfg: Config, mesh: Mesh, seed: int = 0) -> SyntheticStep:
     rng = np.random.default_rng(seed)
     x, y = (put_sharded(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), mesh, 1) for _ in range(2))
     params = gpt.init_params(cfg.model, jax.random.PRNGKey(cfg.train.seed))
-    tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings)
+    tx = build_optimizer(params, cfg.optim, cfg.model.tie_embeddings, mesh)  # mesh: muon_sharded_ns
     state = put_replicated(init_state(cfg, params, tx), mesh)
     step_fn = make_train_step(cfg, mesh, tx)
     compiled = step_fn.lower(state, x, y, jnp.float32(1.0)).compile()
