@@ -22,9 +22,15 @@ Two ways to mix with the network's distribution p_nn:
   is the most frequent continuation of the highest order whose context passes
   its confidence and count thresholds. Needs p_nn(hint) as well.
 
-`NgramMixer.score` enforces stream order: each call's positions are strictly
-increasing and after every earlier position, so no target is scored twice and
-none is scored after a later one could have used it.
+The Evaluator (modes "sliding+ngram", "ttt+ngram") takes `build_position_mix`:
+the per-position arrays plus a jitted `combine` applied to the network's
+log-probs on device. `NgramMixer` is the same on the host (benchmarks, tests);
+its `score` enforces stream order: each call's positions are strictly
+increasing and after every earlier position, so no target is scored twice.
+
+The tilt's agreement bonus (+agree_bonus per further passing order with the
+same hint) and "count" meaning the context's count are our reading of A2's
+description; its C++ kernel was not reproduced.
 """
 
 from __future__ import annotations
