@@ -68,8 +68,14 @@ def evaluate_plain(
     batch_seqs: int,
     token_nll: Callable | None = None,
     progress: bool = True,
+    byte_sidecar: np.ndarray | None = None,
 ) -> EvalResult:
-    """val_loss and val_bpb of `params` over `val_tokens` (already truncated)."""
+    """val_loss and val_bpb of `params` over `val_tokens` (already truncated).
+
+    With a CaseOps `byte_sidecar` (per stream position, aligned with `val_tokens`)
+    the bytes are the original text's, read through `bpb.sidecar_count_bytes`;
+    without one, the tokenizer's byte tables count them (the reference's rule).
+    """
     token_nll = token_nll or make_token_nll(cfg, mesh)
     total_seqs = (len(val_tokens) - 1) // seq_len
     if total_seqs <= 0:
@@ -89,17 +95,22 @@ def evaluate_plain(
             x, y = np.concatenate([x, pad]), np.concatenate([y, pad])
         nll = to_host(token_nll(params, put_sharded(x, mesh, 0), put_sharded(y, mesh, 0)))[:count]
         nll_sum += float(nll.astype(np.float64).sum())
-        n_bytes += bpb.count_bytes(chunk[:-1], chunk[1:], tables)
+        if byte_sidecar is None:
+            n_bytes += bpb.count_bytes(chunk[:-1], chunk[1:], tables)
+        else:  # targets of this batch sit at stream positions start*seq_len+1 ...
+            first = start * seq_len + 1
+            n_bytes += bpb.sidecar_count_bytes(byte_sidecar, np.arange(first, first + count * seq_len))
     n_tokens = total_seqs * seq_len
     val_loss, val_bpb = bpb.loss_and_bpb(nll_sum, n_tokens, n_bytes)
     return EvalResult(val_loss, val_bpb, n_tokens, n_bytes)
 
 
 def evaluate_config(params, cfg: Config, val_tokens: np.ndarray, tables: ByteTables, mesh: Mesh,
-                    token_nll: Callable | None = None, progress: bool = True) -> EvalResult:
+                    token_nll: Callable | None = None, progress: bool = True,
+                    byte_sidecar: np.ndarray | None = None) -> EvalResult:
     """`evaluate_plain` with the batch size and seq_len a run config implies."""
     ranks = num_ranks(mesh)
     grad_accum = cfg.train.grad_accum_steps or default_grad_accum_steps(ranks)
     seqs = eval_batch_seqs(cfg.eval.val_batch_size, cfg.train.train_seq_len, ranks, grad_accum)
     return evaluate_plain(params, cfg.model, val_tokens, tables, mesh, cfg.train.train_seq_len, seqs,
-                          token_nll=token_nll, progress=progress)
+                          token_nll=token_nll, progress=progress, byte_sidecar=byte_sidecar)

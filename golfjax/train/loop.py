@@ -200,6 +200,7 @@ class _Run:
     compiled: object = None
     compiled_unrolled: object = None  # the step before depth recurrence switches on (recur_start_frac > 0)
     token_nll: object = None
+    val_sidecar: object = None  # CaseOps original-byte sidecar of the validation tokens, or None
 
 
 def check_run_options(cfg: Config) -> None:
@@ -286,6 +287,9 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     ctx.data = prepare_run_data(ctx.cfg, log.line)
     ctx.cfg = cfg = ctx.data.config  # data setup may fill in paths (smoke corpus)
     log.line("resolved config:\n" + describe(cfg), console=False)
+    # CaseOps: every BPB of the run counts the original text's bytes (the byte tables would
+    # count the case operators' bytes too, ~10% too many).
+    ctx.val_sidecar = load_byte_sidecar(cfg, len(ctx.data.val_tokens))
 
     ctx.mesh = mesh = make_mesh()
     ranks = num_ranks(mesh)
@@ -359,7 +363,8 @@ def _shard_summary(shards: list) -> str:
 
 def _validate(ctx: _Run, state, progress: Progress, clock: TrainClock) -> EvalResult:
     train_ms = clock.pause()
-    res = evaluate_config(state.params, ctx.cfg, ctx.data.val_tokens, ctx.data.tables, ctx.mesh, ctx.token_nll)
+    res = evaluate_config(state.params, ctx.cfg, ctx.data.val_tokens, ctx.data.tables, ctx.mesh, ctx.token_nll,
+                          byte_sidecar=ctx.val_sidecar)
     step, iterations = progress.step, ctx.cfg.train.iterations
     ctx.log.line(f"step:{step}/{iterations} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                  f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -552,13 +557,12 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
     _, q_params = load_artifact_params(report.path)
     t_q = time.perf_counter()
     roundtrip = evaluate_config(put_replicated(q_params, ctx.mesh), cfg, ctx.data.val_tokens, ctx.data.tables,
-                                ctx.mesh, ctx.token_nll)
+                                ctx.mesh, ctx.token_nll, byte_sidecar=ctx.val_sidecar)
     log.line(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
              f"eval_time:{1000.0 * (time.perf_counter() - t_q):.0f}ms")
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
     if cfg.eval.eval_mode != "plain":  # the configured final evaluation, on the round-trip weights
-        sidecar = load_byte_sidecar(cfg, len(ctx.data.val_tokens))
-        eval_report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=sidecar, progress=False).evaluate(
+        eval_report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=ctx.val_sidecar, progress=False).evaluate(
             put_replicated(q_params, ctx.mesh), ctx.data.val_tokens)
         for text in eval_report.lines():
             log.line(text)
