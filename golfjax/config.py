@@ -440,6 +440,23 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
     return with_values(config, values)
 
 
+def with_fields(config: Config, values: Mapping[str, Any], needed_by: str = "") -> Config:
+    """Set {"section.field": value}. A field golfjax does not have yet is an error
+    "not implemented yet: section.field=value" (record configs name what they still miss)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    missing = []
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in _field_types(_section_class(section)):
+            missing.append(f"{key}={value!r}")
+            continue
+        grouped.setdefault(section, {})[name] = value
+    if missing:
+        who = f" (needed by {needed_by})" if needed_by else ""
+        raise ConfigError(f"not implemented yet: {', '.join(missing)}{who}")
+    return with_values(config, grouped)
+
+
 def load_config_file(path: str | os.PathLike) -> Config:
     """Run a config file and return what its `get_config()` returns."""
     path = Path(path)

@@ -150,7 +150,8 @@ def _proj_init(cfg: ModelConfig, key: Array, shape: tuple[int, int]) -> Array:
 
 
 def _extra_params(cfg: ModelConfig, key: Array) -> Params:
-    """Params of the options, each present only when its option is on."""
+    """Params of the options, each present only when its option is on. Learned scalars
+    have shape (1,), as torch's `nn.Parameter(torch.ones(1))` (artifacts keep them so)."""
     d = cfg.model_dim
     kv_dim = cfg.num_kv_heads * (d // cfg.num_heads)
     ks = jax.random.split(key, 4)
@@ -161,18 +162,18 @@ def _extra_params(cfg: ModelConfig, key: Array) -> Params:
         out["bigram"] = {
             "embed": {"embedding": jnp.zeros((cfg.bigram_buckets, cfg.bigram_dim), jnp.float32)},
             "proj": {"kernel": _proj_init(cfg, ks[0], (cfg.bigram_dim, d))},
-            "scale": jnp.asarray(cfg.bigram_scale_init, jnp.float32),
+            "scale": jnp.full((1,), cfg.bigram_scale_init, jnp.float32),
         }
     if cfg.smear == "v1":
         out["smear"] = {"gate": jnp.zeros((d,), jnp.float32)}
     if cfg.smear == "v2":
         out["smear_gate"] = {"kernel": jnp.zeros((cfg.smear_window, 1), jnp.float32)}
-        out["smear_lambda"] = jnp.zeros((), jnp.float32)
+        out["smear_lambda"] = jnp.zeros((1,), jnp.float32)
     if cfg.ve_dim:
         out["ve_shared"] = {
             "embed": {"embedding": 0.01 * jax.random.normal(ks[1], (cfg.vocab_size, cfg.ve_dim), jnp.float32)},
             "proj": {"kernel": _proj_init(cfg, ks[2], (cfg.ve_dim, kv_dim))},
-            "scale": jnp.asarray(cfg.ve_scale_init, jnp.float32),
+            "scale": jnp.full((1,), cfg.ve_scale_init, jnp.float32),
         }
         out["ve_layer_scales"] = jnp.ones((len(ve_layers(cfg)),), jnp.float32)
     if cfg.two_lane_start >= 0:
