@@ -161,11 +161,16 @@ def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
 
     "blocked" is `blocked_causal_attention` (golfjax's CPU default); anything
     else goes to `jax.nn.dot_product_attention` ("xla", "cudnn", None). With
-    `segments` a query only sees keys of its own document (a dense (B,1,T,T) mask).
+    `segments` a query only sees keys of its own document (a dense (B,1,T,T) mask, on XLA).
     """
     if implementation == "blocked":
         return blocked_causal_attention(q, k, v, segments=segments)
-    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    mask = None
+    if segments is not None:
+        mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+        # Document masks go through XLA's dense path: golfjax does not rely on an
+        # arbitrary boolean mask inside the cuDNN kernel.
+        implementation = "xla" if implementation == "cudnn" else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
