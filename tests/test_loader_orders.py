@@ -158,3 +158,14 @@ def test_packed_reads_whole_documents_from_the_first_bos_within_shards(doc_shard
     assert expected[0][0] == BOS_ID  # the first shard's leading partial document is skipped
     with pytest.raises(LoaderError, match="packed"):
         TokenLoader(files, 2 * 64 * SEQ, SEQ, ranks=2, grad_accum_steps=1, order="packed")
+
+
+def test_packed_finds_a_late_first_bos(tmp_path):
+    t = np.full(150_000, 7, np.uint16)
+    t[70_001] = BOS_ID  # past the first read block
+    t[100_000] = BOS_ID
+    write_shard(tmp_path / "fineweb_train_000000.bin", t)
+    loader = TokenLoader(list_shards(tmp_path, "fineweb_train_*.bin"), SEQ, SEQ, ranks=1, grad_accum_steps=1,
+                         order="packed")
+    x, _ = loader.next_batch()
+    assert loader.packed.starts == [70_001] and x[0, 0, 0] == BOS_ID

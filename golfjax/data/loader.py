@@ -214,11 +214,14 @@ class PackedStream:
                               f"(ranks * (tokens per rank + 1)); use smaller batches or bigger shards")
         self.shard, self.offset = 0, self.starts[0]
 
-    def _first_bos(self, i: int) -> int:
-        if not self.stream.lengths[i]:
-            return 0
-        hits = np.flatnonzero(np.asarray(read_shard(self.stream.files[i])) == self.bos_id)
-        return int(hits[0]) if hits.size else 0
+    def _first_bos(self, i: int, block: int = 1 << 16) -> int:
+        """Offset of shard i's first BOS (0 if none), reading only as far as needed."""
+        tokens = read_shard(self.stream.files[i]) if self.stream.lengths[i] else np.zeros(0, np.uint16)
+        for start in range(0, len(tokens), block):
+            hits = np.flatnonzero(np.asarray(tokens[start : start + block]) == self.bos_id)
+            if hits.size:
+                return start + int(hits[0])
+        return 0
 
     def take(self) -> np.ndarray:
         while self.offset + self.chunk > self.stream.lengths[self.shard]:
