@@ -257,8 +257,21 @@ def estimate_artifact(cfg: Config, state: dict[str, np.ndarray], measure_codec: 
     scheme = cfg.export.scheme
     if scheme not in SCHEMES:
         raise PlanError(f"unknown export scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    quantize, codec = SCHEMES[scheme]
-    state_q, _ = quantize(state)
+    recipe = SCHEMES[scheme]
+    codec = cfg.export.codec or recipe.codec
+    plan = recipe.plan(cfg)
+    gptq_as_rtn = False
+    if plan is None:
+        state_q, _ = recipe.quantize(state)
+    else:
+        # No calibration data here: GPTQ rules are costed as round-to-nearest with the
+        # same bits and clip (GPTQ moves codes, not the alphabet they come from).
+        from golfjax.export.quant import quantize_state
+
+        groups = ("attn", "mlp", "embed", "other")
+        gptq_as_rtn = any(getattr(plan, g).gptq for g in groups)
+        plan = replace(plan, **{g: replace(getattr(plan, g), gptq=False) for g in groups})
+        state_q, _ = quantize_state(state, plan, None)
     payload_bits = 0.0
     raw_bytes = 0
     by_scheme: dict[str, int] = {}
@@ -281,6 +294,7 @@ def estimate_artifact(cfg: Config, state: dict[str, np.ndarray], measure_codec: 
     return {
         "scheme": scheme,
         "codec": codec,
+        "gptq_costed_as_round_to_nearest": gptq_as_rtn,
         "payload_raw_bytes": raw_bytes,
         "payload_entropy_bytes": int(math.ceil(payload_bits / 8)),
         "entropy_bytes_by_scheme": by_scheme,

@@ -44,12 +44,14 @@ def test_a_missing_option_is_not_implemented_yet():
     assert with_fields(Config(), {"model.num_layers": 11}).model.num_layers == 11
 
 
-def test_planner_reports_the_record_param_count():
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "--config", str(record_path("r1248"))],
+@pytest.mark.parametrize("name", ["r1248", "top1061"])
+def test_planner_reports_the_record_param_count(name):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "--config", str(record_path(name))],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert abs(last["params"] - RECORDS["r1248"]) <= 0.01 * RECORDS["r1248"]
+    assert abs(last["params"] - RECORDS[name]) <= 0.01 * RECORDS[name]
+    assert last["artifact"]["gptq_costed_as_round_to_nearest"] == (name == "top1061")
 
 
 # CPU scale: each record's own technique mix, narrower, shallower and shorter.
