@@ -49,7 +49,7 @@ def main() -> int:
 
     from golfjax import checkpoint
     from golfjax.config import apply_overrides
-    from golfjax.eval.evaluator import Evaluator, load_validation_stream
+    from golfjax.eval.evaluator import Evaluator, load_byte_sidecar, load_validation_stream
     from golfjax.export.pipeline import export_params, get_recipe, load_artifact_params
     from golfjax.parallel import make_mesh, put_replicated
     from golfjax.train.data_setup import load_eval_data
@@ -62,7 +62,8 @@ def main() -> int:
     data = load_eval_data(cfg)
     tokens = load_validation_stream(cfg)
     mesh = make_mesh()
-    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()), progress=False)
+    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()),
+                          byte_sidecar=load_byte_sidecar(cfg, len(tokens)), progress=False)
     t = time.perf_counter()
     float_bpb = evaluator.evaluate(put_replicated(params, mesh), tokens).val_bpb
     print(f"float val_bpb:{float_bpb:.6f} eval:{time.perf_counter() - t:.1f}s", flush=True)

@@ -8,7 +8,8 @@ Verifies the artifact (format version, checksums; no pickle), rebuilds the
 model from the artifact's own config, and evaluates it with the artifact's own
 eval settings (eval.eval_mode, stride, TTT, ...) through the one Evaluator the
 training run uses, so on the same validation data and device count it prints
-exactly the val_bpb that ended the training run that wrote it. Also reports the
+exactly the val_bpb that ended the training run that wrote it (bytes from the
+CaseOps sidecar when the artifact enables CaseOps, as evaluate.py). Also reports the
 artifact against the size limit (model bytes = the file's size, code bytes by
 the artifact's export.code_bytes_mode). Only the data location can be changed;
 `--set` is for experiments and is listed in the output when used.
@@ -40,7 +41,7 @@ def main() -> int:
     setup_devices(args.cpu_devices)
 
     from golfjax.config import apply_overrides, validate
-    from golfjax.eval.evaluator import Evaluator, load_validation_stream
+    from golfjax.eval.evaluator import Evaluator, load_byte_sidecar, load_validation_stream
     from golfjax.export import artifact
     from golfjax.export.pipeline import load_artifact
     from golfjax.parallel import make_mesh, num_ranks, put_replicated
@@ -54,7 +55,8 @@ def main() -> int:
     data = load_eval_data(cfg)
     tokens = load_validation_stream(cfg)
     mesh = make_mesh()
-    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()), progress=False)
+    evaluator = Evaluator(cfg, mesh, data.tables, bos_id=int(data.tokenizer.bos_id()),
+                          byte_sidecar=load_byte_sidecar(cfg, len(tokens)), progress=False)
     report = evaluator.evaluate(put_replicated(params, mesh), tokens)
     size = artifact.size_report(Path(args.artifact).stat().st_size, artifact.code_files(),
                                 cfg.export.artifact_limit_bytes, cfg.export.code_bytes_mode)
