@@ -257,7 +257,10 @@ def test_training_run_ends_with_the_configured_eval_mode(golden_shards, tmp_path
     events = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
     mode = [e for e in events if e["event"] == "final_eval_mode"]
     assert len(mode) == 1 and mode[0]["mode"] == "sliding"
-    assert mode[0]["tokens_scored"] == result.roundtrip.tokens  # the run's stream is already truncated
+    # The final evaluation scores the whole validation stream (as scripts/score.py does), not the
+    # plain evaluator's truncated one: every target after the first token, the tail included.
+    from golfjax.eval.evaluator import load_validation_stream
+    assert mode[0]["tokens_scored"] == len(load_validation_stream(cfg)) - 1 > result.roundtrip.tokens
     assert events[-1]["event"] == "final" and result.artifact_total_bytes > 0
 
 

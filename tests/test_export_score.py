@@ -22,7 +22,7 @@ TINY = ["model.vocab_size=1024", "model.num_layers=2", "model.model_dim=64", "mo
         "train.warmdown_iters=2", "train.val_loss_every=0", "train.train_log_every=0", "train.max_wallclock_seconds=0", "eval.val_batch_size=8192",
         "optim.muon_momentum_warmup_steps=2",
         "export.scheme=int6-brotli", "export.codec=pergroup", "export.pergroup_codecs=zlib,shuffle2+zlib,lzma",
-        "export.quant_passthrough_max_numel=1000"]
+        "export.quant_passthrough_max_numel=1000", "eval.eval_mode=sliding", "eval.eval_stride=32"]
 
 
 def run(args: list[str], cwd=REPO) -> subprocess.CompletedProcess:
@@ -53,12 +53,26 @@ def test_score_reproduces_the_training_runs_bpb_exactly(trained_run):
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["event"] == "final"
 
-    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf")]))
+    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf"),
+                         "--set", "eval.eval_mode=plain"]))
     assert out["val_bpb"] == final["roundtrip_val_bpb"] and out["val_loss"] == final["roundtrip_val_loss"]
     assert printed[0] == f"final_int8_zlib_roundtrip_exact val_loss:{out['val_loss']:.8f} val_bpb:{out['val_bpb']:.8f}"
     assert out["scheme"] == "int6-brotli" and out["codec"] == "pergroup" and out["mode"] == "plain"
     assert out["model_bytes"] == (run_dir / "final_model.golf").stat().st_size
     assert out["total_bytes"] == out["model_bytes"] + out["code_bytes"] == final["artifact_bytes"] and out["fits"]
+
+
+def test_score_reproduces_the_runs_final_sliding_evaluation_exactly(trained_run):
+    """The run's configured final evaluation (sliding here) scores the whole validation stream,
+    as the grader's score.py does with the artifact's own settings: same targets, same BPB."""
+    run_dir, log = trained_run
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [e for e in events if e["event"] == "final_eval_mode"]
+    assert len(final_eval) == 1 and final_eval[0]["mode"] == "sliding"
+    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf")]))
+    assert out["mode"] == "sliding"
+    assert out["tokens_scored"] == final_eval[0]["tokens_scored"] and out["bytes"] == final_eval[0]["bytes"]
+    assert out["val_bpb"] == final_eval[0]["val_bpb"] and out["val_loss"] == final_eval[0]["val_loss"]
 
 
 def test_inspector_accounts_for_every_payload_byte(trained_run, tmp_path):

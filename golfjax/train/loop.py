@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from golfjax import checkpoint
 from golfjax.config import Config, ConfigError, describe
 from golfjax.data.loader import TokenLoader, default_grad_accum_steps
-from golfjax.eval.evaluator import Evaluator, load_byte_sidecar
+from golfjax.eval.evaluator import Evaluator, load_byte_sidecar, load_validation_stream
 from golfjax.eval.plain import EvalResult, evaluate_config, make_token_nll
 from golfjax.export.pipeline import export_params, load_artifact_params
 from golfjax.model import gpt
@@ -561,9 +561,13 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
     log.line(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
              f"eval_time:{1000.0 * (time.perf_counter() - t_q):.0f}ms")
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
-    if cfg.eval.eval_mode != "plain":  # the configured final evaluation, on the round-trip weights
-        eval_report = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=ctx.val_sidecar, progress=False).evaluate(
-            put_replicated(q_params, ctx.mesh), ctx.data.val_tokens)
+    if cfg.eval.eval_mode != "plain":
+        # The configured final evaluation, on the round-trip weights and over the whole
+        # validation stream, as scripts/score.py scores the artifact (plain mode truncates).
+        stream = load_validation_stream(cfg)
+        evaluator = Evaluator(cfg, ctx.mesh, ctx.data.tables, byte_sidecar=load_byte_sidecar(cfg, len(stream)),
+                              progress=False)
+        eval_report = evaluator.evaluate(put_replicated(q_params, ctx.mesh), stream)
         for text in eval_report.lines():
             log.line(text)
         log.metrics({"event": "final_eval_mode", **eval_report.as_dict()})
