@@ -99,6 +99,21 @@ def test_labels_follow_rules_for_new_params():
     assert param_labels(shapes, True) == labels
 
 
+def test_record_embedding_tables_train_with_the_token_embedding():
+    """BigramHash and value-embedding tables join the token embedding's Adam group (the
+    records' split); their projections and scales are scalar-Adam parameters."""
+    from golfjax.config import ModelConfig
+    from golfjax.model import gpt
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
+                      bigram_buckets=16, bigram_dim=8, ve_dim=8, ve_layers="1")
+    params = jax.eval_shape(lambda: gpt.init_params(cfg, jax.random.PRNGKey(0)))
+    labels = param_labels(params, tie_embeddings=True)
+    assert labels["bigram"]["embed"]["embedding"] == "embed" and labels["ve_shared"]["embed"]["embedding"] == "embed"
+    assert labels["bigram"]["proj"]["kernel"] == "scalar" and labels["bigram"]["scale"] == "scalar"
+    assert labels["ve_shared"]["proj"]["kernel"] == "scalar" and labels["tok_emb"]["embedding"] == "embed"
+
+
 def test_labels_reject_inconsistent_trees():
     with pytest.raises(ValueError):
         param_labels(make_params(V=8, D=4, H=2, KVD=4, F=8, tied=False), tie_embeddings=True)

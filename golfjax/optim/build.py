@@ -40,7 +40,9 @@ def _label(name: str, ndim: int) -> str:
         if per_layer_ndim < 2 or is_control:
             return "scalar"
         raise ValueError(f"{name}: the reference has no optimizer group for a {per_layer_ndim}-D block parameter")
-    if top == "tok_emb":
+    if top == "tok_emb" or name.endswith(".embed.embedding"):
+        # The records train the BigramHash and value-embedding tables with the token
+        # embedding's Adam group (its LR); their projections and scales stay "scalar".
         return "embed"
     if top == "lm_head":
         return "head"
