@@ -52,6 +52,15 @@ def load_model_source(args: argparse.Namespace):
     return apply_overrides(cfg, args.overrides), params
 
 
+def with_data_paths(cfg, data_dir: str | None, tokenizer: str | None):
+    """`cfg` with the validation data directory and tokenizer replaced where given on the
+    command line (--data-dir / --tokenizer of the scoring scripts); others keep the config's."""
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, data_path=data_dir or cfg.data.data_path,
+                                     tokenizer_path=tokenizer or cfg.data.tokenizer_path))
+
+
 def setup_devices(cpu_devices: int) -> None:
     """Must run before jax initialises its backend."""
     if cpu_devices > 0:

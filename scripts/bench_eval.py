@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from golfjax.cli import add_config_args, run_main, setup_devices
+from golfjax.cli import add_config_args, run_main, setup_devices, with_data_paths
 
 VAL_TOKENS_SP1024 = 62_021_632  # targets of the challenge's sp1024 validation set
 H100_BF16_DENSE = 989e12  # FLOP/s per H100 SXM, dense bf16 (NVIDIA datasheet)
@@ -60,8 +60,7 @@ def quality(args) -> int:
     from golfjax.train.data_setup import load_eval_data
 
     cfg, params = load_model_source(args)
-    cfg = replace(cfg, data=replace(cfg.data, data_path=args.data_dir or cfg.data.data_path,
-                                    tokenizer_path=args.tokenizer or cfg.data.tokenizer_path))
+    cfg = with_data_paths(cfg, args.data_dir, args.tokenizer)
     validate(cfg)
     data = load_eval_data(cfg)
     tokens = load_validation_stream(cfg)

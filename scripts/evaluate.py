@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from golfjax.cli import add_config_args, add_model_source_args, load_model_source, run_main, setup_devices
+from golfjax.cli import add_config_args, add_model_source_args, load_model_source, run_main, setup_devices, with_data_paths
 
 
 def main() -> int:
@@ -49,8 +48,7 @@ def main() -> int:
     from golfjax.train.data_setup import load_eval_data
 
     cfg, params = load_model_source(args)
-    cfg = replace(cfg, data=replace(cfg.data, data_path=args.data_dir or cfg.data.data_path,
-                                    tokenizer_path=args.tokenizer or cfg.data.tokenizer_path))
+    cfg = with_data_paths(cfg, args.data_dir, args.tokenizer)
     validate(cfg)
     data = load_eval_data(cfg)
     tokens = load_validation_stream(cfg)
