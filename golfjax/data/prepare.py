@@ -172,6 +172,28 @@ class _ShardWriter:
         self.chunks, self.fill = [], 0
 
 
+def _fresh_shard_dir(sp: spm.SentencePieceProcessor, out_dir: str | Path, num_val_docs: int,
+                     shard_size: int) -> tuple[Path, int, int]:
+    """Check the export arguments and the tokenizer, empty `out_dir` of earlier shards
+    (so the `fineweb_*` globs never mix two exports); returns (out_dir, BOS id, shards removed)."""
+    if num_val_docs < 0:
+        raise PrepareError(f"num_val_docs must be >= 0, got {num_val_docs}")
+    if shard_size <= 0:
+        raise PrepareError(f"shard_size must be positive, got {shard_size}")
+    vocab = int(sp.vocab_size())
+    if vocab > 2**16:
+        raise PrepareError(f"vocab_size={vocab} is too large for uint16 shards")
+    bos = int(sp.bos_id())
+    if bos < 0:
+        raise PrepareError("the tokenizer has no BOS id; every document must start with BOS")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for pattern in SHARD_PATTERNS for p in out.glob(pattern)]
+    for p in stale:
+        p.unlink()
+    return out, bos, len(stale)
+
+
 def tokenize_documents_to_shards(
     docs: Iterable[str],
     sp: spm.SentencePieceProcessor,
@@ -191,21 +213,7 @@ def tokenize_documents_to_shards(
     `fineweb_*` globs never mix two exports. Returns the manifest-style stats
     plus the written shard names.
     """
-    if num_val_docs < 0:
-        raise PrepareError(f"num_val_docs must be >= 0, got {num_val_docs}")
-    if shard_size <= 0:
-        raise PrepareError(f"shard_size must be positive, got {shard_size}")
-    vocab = int(sp.vocab_size())
-    if vocab > 2**16:
-        raise PrepareError(f"vocab_size={vocab} is too large for uint16 shards")
-    bos = int(sp.bos_id())
-    if bos < 0:
-        raise PrepareError("the tokenizer has no BOS id; every document must start with BOS")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stale = [p for pattern in SHARD_PATTERNS for p in out.glob(pattern)]
-    for p in stale:
-        p.unlink()
+    out, bos, removed = _fresh_shard_dir(sp, out_dir, num_val_docs, shard_size)
 
     writer = _ShardWriter(out, shard_size)
     docs_n = {"val": 0, "train": 0}
@@ -242,7 +250,7 @@ def tokenize_documents_to_shards(
         "tokens_val": tokens_n["val"],
         "tokens_train": tokens_n["train"],
         "shards": writer.written,
-        "removed_stale_shards": len(stale),
+        "removed_stale_shards": removed,
     }
 
 
@@ -268,22 +276,11 @@ def tokenize_caseops_to_shards(
     """
     from golfjax.data import caseops
 
-    if num_val_docs < 0:
-        raise PrepareError(f"num_val_docs must be >= 0, got {num_val_docs}")
-    if shard_size <= 0:
-        raise PrepareError(f"shard_size must be positive, got {shard_size}")
     try:
         caseops.check_tokenizer(sp)
     except caseops.CaseOpsError as e:
         raise PrepareError(str(e)) from None
-    bos = int(sp.bos_id())
-    if bos < 0:
-        raise PrepareError("the tokenizer has no BOS id; every document must start with BOS")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stale = [p for pattern in SHARD_PATTERNS for p in out.glob(pattern)]
-    for p in stale:
-        p.unlink()
+    out, bos, removed = _fresh_shard_dir(sp, out_dir, num_val_docs, shard_size)
     tokens_w = _ShardWriter(out, shard_size)
     bytes_w = _ShardWriter(out, shard_size)
     docs_n = {"val": 0, "train": 0}
@@ -332,7 +329,7 @@ def tokenize_caseops_to_shards(
         "files_train": tokens_w.counts["train"],
         "files_val_bytes": bytes_w.counts["val_bytes"],
         "shards": tokens_w.written + bytes_w.written,
-        "removed_stale_shards": len(stale),
+        "removed_stale_shards": removed,
     }
 
 
