@@ -115,6 +115,9 @@ class OptimConfig:
     muon_ns_dtype: str = "bfloat16"
     # Named coefficient table of golfjax.optim.muon.NS_COEFFICIENTS.
     muon_ns_coeffs: str = "standard"
+    # Where bf16 NS rounds (golfjax.optim.muon.newton_schulz): "eager" as eager torch,
+    # "compiled" as the reference's torch.compile'd function (inductor on CPU).
+    muon_ns_rounding: str = "eager"
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8

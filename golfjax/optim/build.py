@@ -108,6 +108,7 @@ def build_optimizer(params: Any, cfg: OptimConfig, tie_embeddings: bool,
         row_norm=cfg.muon_row_normalize,
         ns_safety=cfg.muon_ns_safety,
         shard_mesh=mesh if cfg.muon_sharded_ns else None,
+        ns_rounding=cfg.muon_ns_rounding,
     )
     transforms = {
         "muon": _decayed(muon, cfg.matrix_lr, cfg.muon_wd),

@@ -61,6 +61,9 @@ def _rounder(dtype: jnp.dtype):
     return lambda x: lax.reduce_precision(x, info.nexp, info.nmant).astype(dtype)
 
 
+NS_ROUNDINGS: tuple[str, ...] = ("eager", "compiled")
+
+
 def newton_schulz(
     G: jax.Array,
     steps: int = 5,
@@ -68,42 +71,82 @@ def newton_schulz(
     eps: float = 1e-7,
     dtype: jnp.dtype = jnp.bfloat16,
     safety: float = 1.0,
+    rounding: str = "eager",
 ) -> jax.Array:
     """Approximately orthogonalise the trailing (rows, cols) matrices of `G`.
 
     Reference orientation: `G[..., :, :]` is (out, in). Leading axes are a batch.
-    In bfloat16 mode this reproduces torch's eager bfloat16 arithmetic: every
-    elementwise op is computed in float32 with Python-float coefficients kept in
-    float32 (a bf16 multiply would round 3.4445 to 3.4375) and rounded to
-    bfloat16 once; matmuls take bfloat16 inputs and accumulate in float32.
-    `safety` > 1 divides by `safety * norm` (modded-nanogpt's Polar Express uses
-    1.02) so that no singular value starts above 1. Returns an array of `dtype`.
+    Returns an array of `dtype`. In a low-precision `dtype` (bfloat16), matmuls
+    always take `dtype` inputs and accumulate in float32, Python-float
+    coefficients are applied in float32 (a bf16 multiply would round 3.4445 to
+    3.4375), and `rounding` says where results are rounded to `dtype`:
+
+    - ``"eager"``: torch's eager bf16, one rounding per torch op. The input is
+      rounded first, its norm is taken from the rounded values and rounded, and
+      so is ``norm + eps`` and the quotient; then per step A = X X^T, b*A, c*A,
+      (c*A) @ A, their sum, a*X, B @ X and the new X are each rounded.
+    - ``"compiled"``: the reference's ``torch.compile``d function on CPU
+      (inductor, torch 2.13). The norm, ``+ eps`` and the division run in
+      float32 on the float32 input, rounded once (X) and, times `a`, once more
+      (the first step's a*X); b*A, c*A and later a*X are rounded from bf16
+      operands; the two sums are fused into their matmuls (addmm), so
+      B = b*A + (c*A) @ A and X' = a*X + B @ X are rounded once each, from
+      float32.
+
+    In float32 both give the same result to float32 rounding. `safety` > 1
+    divides by `safety * norm` (modded-nanogpt's Polar Express uses 1.02) so
+    that no singular value starts above 1.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {G.shape}")
+    if rounding not in NS_ROUNDINGS:
+        raise ValueError(f"unknown Newton-Schulz rounding {rounding!r}; known: {list(NS_ROUNDINGS)}")
     table = _coefficient_table(coeffs)
     f32 = jnp.float32
     rnd = _rounder(jnp.dtype(dtype))
+    fused = rounding == "compiled"
 
     def up(x: jax.Array) -> jax.Array:
         return x.astype(f32)
 
-    def mm(x: jax.Array, y: jax.Array) -> jax.Array:
-        return rnd(jnp.matmul(x, y, preferred_element_type=f32))
+    def dot(x: jax.Array, y: jax.Array) -> jax.Array:  # float32 accumulation, not rounded
+        return jnp.matmul(x, y, preferred_element_type=f32)
 
-    X = G.astype(dtype)
-    norm = rnd(jnp.sqrt(jnp.sum(jnp.square(up(X)), axis=(-2, -1), keepdims=True)))
-    if safety != 1.0:
-        norm = rnd(up(norm) * safety)
-    X = rnd(up(X) / up(rnd(up(norm) + eps)))
+    def frobenius(x: jax.Array) -> jax.Array:
+        return jnp.sqrt(jnp.sum(jnp.square(up(x)), axis=(-2, -1), keepdims=True))
+
+    if fused:
+        G32 = up(G)
+        norm = frobenius(G32)
+        if safety != 1.0:
+            norm = norm * safety
+        X32 = G32 / (norm + eps)
+        X = rnd(X32)
+        aX = rnd(table[0][0] * X32)  # the first a*X comes from the unrounded quotient
+    else:
+        X = G.astype(dtype)
+        norm = rnd(frobenius(X))
+        if safety != 1.0:
+            norm = rnd(up(norm) * safety)
+        X = rnd(up(X) / up(rnd(up(norm) + eps)))
+        aX = None
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:
         X = jnp.swapaxes(X, -1, -2)
+        if aX is not None:
+            aX = jnp.swapaxes(aX, -1, -2)
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
-        A = mm(X, jnp.swapaxes(X, -1, -2))
-        B = rnd(up(rnd(b * up(A))) + up(mm(rnd(c * up(A)), A)))
-        X = rnd(up(rnd(a * up(X))) + up(mm(B, X)))
+        A = rnd(dot(X, jnp.swapaxes(X, -1, -2)))
+        bA, cA = rnd(b * up(A)), rnd(c * up(A))
+        if fused:
+            if i > 0:
+                aX = rnd(a * up(X))
+            B = rnd(up(bA) + dot(cA, A))
+            X = rnd(up(aX) + dot(B, X))
+        else:
+            B = rnd(up(bA) + up(rnd(dot(cA, A))))
+            X = rnd(up(rnd(a * up(X))) + up(rnd(dot(B, X))))
     return jnp.swapaxes(X, -1, -2) if transposed else X
 
 
@@ -124,6 +167,7 @@ def orthogonalized_direction(
     eps: float = 1e-7,
     dtype: jnp.dtype = jnp.bfloat16,
     safety: float = 1.0,
+    rounding: str = "eager",
 ) -> jax.Array:
     """Muon's direction for a Flax kernel (..., in, out), leading axes = layers.
 
@@ -135,7 +179,7 @@ def orthogonalized_direction(
     if update.ndim < 2:
         raise ValueError(f"Muon needs (..., in, out) kernels, got shape {update.shape}")
     fan_in, fan_out = update.shape[-2], update.shape[-1]
-    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype, safety)
+    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype, safety, rounding)
     scale = math.sqrt(max(1.0, fan_out / fan_in))
     scaled = _rounder(jnp.dtype(dtype))(ortho.astype(jnp.float32) * scale)
     return jnp.swapaxes(scaled, -1, -2).astype(update.dtype)
@@ -189,6 +233,7 @@ def scale_by_muon(
     row_norm: bool = False,
     ns_safety: float = 1.0,
     shard_mesh: Mesh | None = None,
+    ns_rounding: str = "eager",
 ) -> optax.GradientTransformation:
     """The reference Muon direction (no learning rate: chain `optax.scale(-lr)`).
 
@@ -198,8 +243,11 @@ def scale_by_muon(
     the momentum needs no host-side injection and is checkpointed with the state.
     `row_norm` applies MuonEq-R to the Nesterov input; `shard_mesh` splits the
     orthogonalisation of every layer stack over the mesh's data axis.
+    `ns_rounding` is `newton_schulz`'s `rounding` ("eager" or "compiled").
     """
     _coefficient_table(ns_coeffs)  # fail at build time, not at trace time
+    if ns_rounding not in NS_ROUNDINGS:
+        raise ValueError(f"unknown Newton-Schulz rounding {ns_rounding!r}; known: {list(NS_ROUNDINGS)}")
 
     def init_fn(params: optax.Params) -> ScaleByMuonState:
         return ScaleByMuonState(count=jnp.zeros([], jnp.int32), momentum_buffer=optax.tree.zeros_like(params))
@@ -214,7 +262,8 @@ def scale_by_muon(
             inputs = buf
         if row_norm:
             inputs = jax.tree.map(row_normalize, inputs)
-        direction = lambda g: orthogonalized_direction(g, ns_steps, ns_coeffs, eps, ns_dtype, ns_safety)
+        direction = lambda g: orthogonalized_direction(g, ns_steps, ns_coeffs, eps, ns_dtype, ns_safety,
+                                                       ns_rounding)
         if shard_mesh is not None:
             directions = jax.tree.map(lambda g: sharded_over_layers(direction, g, shard_mesh), inputs)
         else:
