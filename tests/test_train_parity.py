@@ -50,10 +50,13 @@ def test_five_steps_match_the_reference(golden_dir):
         rel = np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-12)
         assert np.abs(diff).max() <= 1e-3, name
         if not np.any(init[name]) and name.endswith("proj.weight"):
-            # Zero-initialised Muon matrices consist only of Newton-Schulz outputs. The reference
-            # ran its bf16 NS under torch.compile (inductor), whose fused bf16 arithmetic differs
-            # from eager torch by 3.2% (golden newton_schulz.npz); ours reproduces eager bit for
-            # bit, so these can only agree to the NS noise. Every other tensor meets 1e-4.
+            # Zero-initialised Muon matrices consist only of bf16 Newton-Schulz outputs, and bf16 NS
+            # is chaotic: our gradients are ~5e-7 (relative) off the reference's, which flips a few
+            # roundings of bf16(G/|G|), and five bf16 steps spread each flip to ~2% of the output.
+            # Not an eager-vs-compiled issue: torch's own eager NS on our gradients gives the same
+            # 0.7-1.2% as ours, its torch.compile'd NS (= rounding="compiled") 2.1-2.4%, and with the
+            # reference's exact step-1 gradients the golden step-1 update is the eager one. Every
+            # other tensor meets 1e-4.
             assert rel <= 2e-2, (name, rel)
         else:
             assert rel <= 1e-4, (name, rel)
