@@ -1,12 +1,15 @@
-"""Before/after ratio of the train step in ONE process, steps interleaved.
+"""Ratios of train-step times between config variants, in ONE process, steps interleaved.
 
-    python scripts/bench_compare.py --config configs/baseline.py --set train.train_batch_tokens=8192 --steps 3
+    python scripts/bench_compare.py --config configs/baseline.py --set train.train_batch_tokens=8192 \
+        --variant bf16:model.compute_dtype=bfloat16 --variant xla:model.attention_impl=xla --steps 3
 
-"plain" = jax.nn.dot_product_attention (attention_impl=xla) with the layer scan
-rolled (the code before the CPU optimisations); "default" = the config as given
-(on CPU: blocked attention, unrolled layers). Alternating the two variants
-step by step makes the ratio robust to other load on the machine. Prints one
-JSON line: median step ms of each and default/plain speedup.
+Each `--variant NAME:KEY=VALUE[,KEY=VALUE...]` is the config with those
+overrides on top of `--set`; the config as given is always the variant
+"default". All variants are compiled first (same seed, so the same random
+batch), then timed step by step in turn, so that other load on the machine
+hits every variant alike and the ratios stay meaningful where the absolute
+times do not. Prints one JSON line: median step ms and tokens/s of each,
+speedup of each over "default", and the first (untimed) step's loss of each.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,49 +26,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from golfjax.cli import add_config_args, run_main, setup_devices
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'name:a.b=1,c.d=x' -> ('name', ['a.b=1', 'c.d=x'])."""
+    name, sep, overrides = text.partition(":")
+    if not sep or not name or not overrides:
+        raise SystemExit(f"error: --variant wants NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return name, [o for o in overrides.split(",") if o]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, required=True)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="a config variant to time against the config as given (repeatable)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     args = parser.parse_args()
     setup_devices(args.cpu_devices)
 
-
-    from golfjax.config import resolve
-    from golfjax.model import gpt
+    from golfjax.config import apply_overrides, resolve, validate
     from golfjax.parallel import make_mesh
     from golfjax.train.synthetic import synthetic_step
 
     cfg, _ = resolve(args.config, args.overrides)
+    specs = [("default", [])] + [parse_variant(v) for v in args.variant]
+    if len({name for name, _ in specs}) != len(specs):
+        raise SystemExit("error: --variant names must be distinct and not 'default'")
     mesh = make_mesh()
-
     variants = {}
-    for name in ("plain", "default"):
-        vcfg = replace(cfg, model=replace(cfg.model, attention_impl="xla")) if name == "plain" else cfg
-        saved = gpt.MAX_UNROLLED_LAYERS
-        if name == "plain":
-            gpt.MAX_UNROLLED_LAYERS = 0
-        step = synthetic_step(vcfg, mesh)  # same seed: the same random batch for both
-        gpt.MAX_UNROLLED_LAYERS = saved
+    for name, overrides in specs:
+        vcfg = apply_overrides(cfg, overrides)
+        validate(vcfg)
+        t0 = time.perf_counter()
+        step = synthetic_step(vcfg, mesh)
+        compile_s = time.perf_counter() - t0
         first_loss = float(step.run()["train_loss"])  # untimed warm-up step
-        variants[name] = (step, [], first_loss)
+        variants[name] = {"step": step, "times": [], "first_loss": first_loss, "compile_s": compile_s}
     for _ in range(args.steps):
-        for name, (step, times, _) in variants.items():
+        for v in variants.values():
             t0 = time.perf_counter()
-            step.run()
-            times.append(time.perf_counter() - t0)
-    ms = {name: 1000 * statistics.median(v[1]) for name, v in variants.items()}
-    tokens = variants["default"][0].tokens_per_step
-    print(json.dumps({
-        "plain_step_ms": round(ms["plain"], 1), "default_step_ms": round(ms["default"], 1),
-        "plain_tokens_per_s": round(1000 * tokens / ms["plain"], 1),
-        "default_tokens_per_s": round(1000 * tokens / ms["default"], 1),
-        "speedup": round(ms["plain"] / ms["default"], 3),
-        "first_step_loss": {name: round(v[2], 6) for name, v in variants.items()},
-        "plain_times_ms": [round(1000 * s) for s in variants["plain"][1]],
-        "default_times_ms": [round(1000 * s) for s in variants["default"][1]],
-        "steps": args.steps, "tokens_per_step": tokens,
-    }))
+            v["step"].run()
+            v["times"].append(time.perf_counter() - t0)
+    base_ms = 1000 * statistics.median(variants["default"]["times"])
+    result = {}
+    for name, v in variants.items():
+        ms = 1000 * statistics.median(v["times"])
+        result[name] = {
+            "step_ms": round(ms, 1),
+            "tokens_per_s": round(1000 * v["step"].tokens_per_step / ms, 1),
+            "speedup_vs_default": round(base_ms / ms, 3),
+            "first_step_loss": round(v["first_loss"], 6),
+            "compile_s": round(v["compile_s"], 1),
+            "times_ms": [round(1000 * s) for s in v["times"]],
+        }
+    print(json.dumps({"variants": result, "steps": args.steps}))
     return 0
 
 
