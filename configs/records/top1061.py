@@ -14,8 +14,9 @@ on the top 3 matrices, per-group compression; phased LoRA TTT.
 (../shared/research/record-stack.md, section 2.1.)
 
 Not configurable yet and therefore not set: lrzip ZPAQ inside the per-group codec
-(golfjax's per-group codec picks the smallest of its own codecs per stream). The three
-phase boundaries of the phased TTT are spread evenly up to the record's 2500 documents.
+(golfjax's per-group codec picks the smallest of its own codecs per stream). The phased
+TTT pauses at the record's document boundaries 833, 1666 and 2500 (record-stack.md 1.13,
+`PHASED_TTT_PREFIX_DOCS=2500`).
 
     python scripts/plan.py --config configs/records/top1061.py
 """
@@ -47,7 +48,7 @@ def get_config() -> Config:
         "eval.ttt_lora_rank": 80, "eval.ttt_lora_alpha": 144.0, "eval.ttt_lora_lr": 1e-4,
         "eval.ttt_lora_beta1": 0.0, "eval.ttt_lora_beta2": 0.99, "eval.ttt_lora_wd": 0.5,
         "eval.ttt_lora_chunk": 48, "eval.ttt_lora_warm_a": True,
-        "eval.ttt_phase_docs": "833,1667,2500", "eval.ttt_phase_lr": 0.001, "eval.ttt_phase_epochs": 1,
+        "eval.ttt_phase_docs": "833,1666,2500", "eval.ttt_phase_lr": 0.001, "eval.ttt_phase_epochs": 1,
         "export.scheme": "custom", "export.codec": "pergroup",
         "export.quant_gptq": True, "export.quant_lqer_rank": 4, "export.quant_lqer_top_k": 3,
         "export.quant_lqer_asym": True, "export.quant_calib_source": "train", "export.quant_calib_batches": 16,
