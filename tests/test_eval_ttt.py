@@ -3,13 +3,15 @@ and with the weights adapted only on earlier chunks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from golfjax.config import EvalConfig
 from golfjax.eval.sliding import flat_segments, make_windows
 from golfjax.eval.ttt import check_ttt_shapes, plan_chunks
-from tests.test_eval_sliding import SEQ, run, setup  # noqa: F401  (session fixture)
+from tests.test_eval_sliding import MODEL, SEQ, run, setup  # noqa: F401  (session fixture)
 
 CHUNK = 256
 TTT = dict(eval_mode="ttt", eval_stride=16, ttt_chunk_tokens=CHUNK, ttt_batch_seqs=2, ttt_epochs=2, ttt_lr=0.05,
@@ -147,22 +149,69 @@ def lora_stream(setup):  # noqa: F811
     return np.concatenate([tokens[b : b + 120] for b in bos])
 
 
-def test_fresh_lora_is_the_base_model_and_every_adapter_is_wired(setup):  # noqa: F811
+# The golden 2-layer model with block 1 visited twice: virtual layers [0, 1, 1].
+RECURRENT = replace(MODEL, recur_first=1, recur_last=1, recur_loops=1)
+
+
+@pytest.mark.parametrize("model", [MODEL, RECURRENT], ids=["plain", "recurrent"])
+def test_fresh_lora_is_the_base_model_and_every_adapter_is_wired(setup, model):  # noqa: F811
+    """One adapter set per virtual layer (= physical without recurrence); a fresh LoRA is the
+    base model (to float32 rounding of the fused program); bumping B of any single visit's adapter changes the output, and
+    the two visits of the recurrent block are distinct adapters (different outputs)."""
     import jax
     import jax.numpy as jnp
 
     from golfjax.eval.ttt_lora import init_lora, lora_forward
     from golfjax.model import gpt
-    from tests.test_eval_sliding import MODEL
 
     params = setup[3]
     x = jnp.asarray(setup[2][:128].astype(np.int32).reshape(2, 64))
-    lora = init_lora(MODEL, 4, 2, jax.random.PRNGKey(0))
-    base = gpt.forward(params, MODEL, x)
-    np.testing.assert_array_equal(np.asarray(lora_forward(params, lora, MODEL, x, 1.0)), np.asarray(base))
+    virtual = gpt.layer_schedule(model).layers
+    assert virtual == ((0, 1) if model is MODEL else (0, 1, 1))
+    lora = init_lora(model, 4, 2, jax.random.PRNGKey(0))
+    for name, ab in lora.items():
+        lead = (2,) if name == "head" else (2, len(virtual))
+        assert ab["a"].shape[: len(lead)] == lead and ab["b"].shape[: len(lead)] == lead, name
+    fwd = jax.jit(lambda lo: lora_forward(params, lo, model, x, 1.0))
+    base = np.asarray(jax.jit(lambda p: gpt.forward(p, model, x))(params))
+    np.testing.assert_allclose(np.asarray(fwd(lora)), base, rtol=1e-6, atol=1e-5)  # B = 0: the base (to XLA's fusion)
     for name in lora:
-        bumped = {**lora, name: {"a": lora[name]["a"], "b": lora[name]["b"] + 0.1}}
-        assert float(jnp.abs(lora_forward(params, bumped, MODEL, x, 1.0) - base).max()) > 1e-3, name
+        slots = [None] if name == "head" else range(len(virtual))
+        outs = []
+        for v in slots:
+            b = lora[name]["b"]
+            b = b + 0.1 if v is None else b.at[:, v].add(0.1)
+            out = np.asarray(fwd({**lora, name: {"a": lora[name]["a"], "b": b}}))
+            assert np.abs(out - base).max() > 1e-3, (name, v)
+            outs.append(out)
+        if model is RECURRENT and name != "head":  # visits 1 and 2 share block 1 but not their adapters
+            assert np.abs(outs[1] - outs[2]).max() > 1e-4, name
+
+
+def test_recurrent_block_visits_adapt_apart(setup):  # noqa: F811
+    """After a few score-then-update chunk steps on one document, the adapters of the two
+    visits of the shared block hold different values (each trained through its own visit)."""
+    import jax
+    import jax.numpy as jnp
+
+    from golfjax.config import EvalConfig
+    from golfjax.eval.ttt_lora import init_lora, make_lora_steps
+    from golfjax.parallel import make_mesh
+
+    sp, _, tokens, params = setup
+    mesh = make_mesh(jax.devices()[:1])
+    ecfg = EvalConfig(ttt_lora_rank=4, ttt_lora_docs=1, ttt_lora_chunk=16, ttt_lora_lr=0.01)
+    run_steps = make_lora_steps(RECURRENT, ecfg, mesh, SEQ, 4)
+    lora = init_lora(RECURRENT, 4, 1, jax.random.PRNGKey(0))
+    zeros = lambda: jax.tree.map(jnp.zeros_like, lora)
+    stream = np.concatenate([tokens[:200].astype(np.int32), np.zeros(SEQ + 2, np.int32)])
+    (adapted, _, _, t), _ = run_steps(lora, zeros(), zeros(), jnp.zeros(1, jnp.int32), params, stream,
+                                      np.zeros(1, np.int32), np.array([150], np.int32), np.int32(0))
+    assert int(t[0]) == 4  # four chunks trained (the document has ten)
+    for name in ("q", "k", "v", "o", "mlp"):
+        b = np.asarray(adapted[name]["b"])
+        assert np.abs(b).max() > 0, name
+        assert np.abs(b[:, 1] - b[:, 2]).max() > 1e-6, name
 
 
 @pytest.fixture(scope="module")

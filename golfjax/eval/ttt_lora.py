@@ -13,11 +13,14 @@ trained on.
 
 LoRA sits on q, k, v (the attention's input projections), on the attention
 output (a parallel path from the attention input), in parallel to the MLP
-(from the MLP's normed input) and on the head (from the final hidden state),
-for every block. A is uniform +-1/sqrt(in), B is zero, so a fresh LoRA is the
-base model exactly. The adapters enter the unchanged model code through
-`flax.linen.intercept_methods`: the base forward is `golfjax.model.gpt`'s own.
-Blocks are per physical layer (equal to virtual layers without recurrence).
+(from the MLP's normed input) and on the head (from the final hidden state).
+The block adapters are per *virtual* layer, as in the records: with depth
+recurrence every visit of a shared block has its own q, k, v, out and MLP
+adapters (17 sets for TOP's schedule); without recurrence virtual = physical.
+A is uniform +-1/sqrt(in), B is zero, so a fresh LoRA is the base model
+exactly. The adapters enter the unchanged model code as `gpt.VIRTUAL_BLOCKS`
+params (merged into the block's params at each visit) and are added by a
+`flax.linen.intercept_methods` hook: the base forward is `golfjax.model.gpt`'s own.
 """
 
 from __future__ import annotations
@@ -46,11 +49,18 @@ def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d), "head": (d, cfg.vocab_size)}
 
 
+def num_virtual_layers(cfg: ModelConfig) -> int:
+    """Length of the (recurrent) layer schedule the evaluation runs: one adapter set per entry."""
+    return len(gpt.layer_schedule(cfg, recurrent=True).layers)
+
+
 def init_lora(cfg: ModelConfig, rank: int, docs: int, key: jax.Array) -> dict:
-    """{name: {"a": (docs, [layers,] in, r), "b": zeros (docs, [layers,] r, out)}}; the head has no layer axis."""
+    """{name: {"a": (docs, [virtual layers,] in, r), "b": zeros (docs, [virtual layers,] r, out)}};
+    the head has no layer axis."""
     out = {}
+    layers = num_virtual_layers(cfg)
     for i, (name, (fan_in, fan_out)) in enumerate(lora_shapes(cfg).items()):
-        lead = (docs,) if name == "head" else (docs, cfg.num_layers)
+        lead = (docs,) if name == "head" else (docs, layers)
         bound = 1.0 / np.sqrt(fan_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), lead + (fan_in, rank), jnp.float32, -bound, bound)
         out[name] = {"a": a, "b": jnp.zeros(lead + (rank, fan_out), jnp.float32)}
@@ -82,17 +92,13 @@ def _interceptor(scale: float):
 
 def lora_forward(params, lora: dict, cfg: ModelConfig, x, scale: float):
     """Soft-capped logits (docs, T, V) of the base model plus every document's adapters."""
-    def layer_first(ab):  # (docs, layers, ...) -> (layers, docs, ...), sliced by the layer scan
+    def layer_first(ab):  # (docs, virtual layers, ...) -> (virtual layers, docs, ...), sliced per visit
         return {k: jnp.swapaxes(t, 0, 1) for k, t in ab.items()}
 
-    blocks = dict(params["blocks"])
-    attn = dict(blocks["attn"])
-    for name, key in (("q", "c_q"), ("k", "c_k"), ("v", "c_v")):
-        attn[key] = {**attn[key], "lora": layer_first(lora[name])}
+    attn = {key: {"lora": layer_first(lora[name])} for name, key in (("q", "c_q"), ("k", "c_k"), ("v", "c_v"))}
     attn["lora"] = layer_first(lora["o"])
-    blocks["attn"] = attn
-    blocks["mlp"] = {**blocks["mlp"], "lora": layer_first(lora["mlp"])}
-    merged = {**params, "blocks": blocks}
+    per_visit = {"attn": attn, "mlp": {"lora": layer_first(lora["mlp"])}}
+    merged = {**params, gpt.VIRTUAL_BLOCKS: per_visit}
     with nn.intercept_methods(_interceptor(scale)):
         h = gpt.hidden_states(merged, cfg, x)
     if cfg.tie_embeddings:

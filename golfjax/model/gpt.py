@@ -182,6 +182,11 @@ def _extra_params(cfg: ModelConfig, key: Array) -> Params:
     return out
 
 
+# Optional params entry: block params per *virtual* layer (leading axis = the layer
+# schedule's length), merged into the physical block's params at each visit; the
+# per-document LoRA TTT puts its adapters there (golfjax.eval.ttt_lora).
+VIRTUAL_BLOCKS = "virtual_blocks"
+
 # Stacks up to this many virtual layers are unrolled (faster on CPU; compile time
 # grows with the unrolled length, so long recurrent schedules stay rolled).
 MAX_UNROLLED_LAYERS = 16
@@ -326,13 +331,25 @@ def _flatten_sown(tree: dict, prefix: tuple[str, ...] = ()) -> dict[str, Array]:
     return out
 
 
+def _merge(base: Params, extra: Params) -> Params:
+    """base with the leaves of `extra` added (nested dicts; extra's keys win)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def _run_segment(block: Block, blocks: Params, layers: tuple[int, ...], kind: _Kind, h, x0: Array,
-                 ctx: dict, skips=None, acc: dict | None = None):
+                 ctx: dict, skips=None, acc: dict | None = None, per_visit: Params | None = None):
     """Scan the virtual layers `layers` (physical indices) of one kind over the state h.
+    `per_visit`: extra block params with a leading axis over these virtual layers, merged
+    into the physical block's params at each visit.
 
     Returns (h, per-layer outputs (the encoder's skips), gram accumulator)."""
     idx = jnp.asarray(np.asarray(layers, dtype=np.int32))
     xs = {"idx": idx}
+    if per_visit is not None:
+        xs["per_visit"] = per_visit
     if skips is not None:
         xs["skip"], xs["skip_w"] = skips["skip"], skips["w"]
         if "g" in skips:
@@ -352,6 +369,8 @@ def _run_segment(block: Block, blocks: Params, layers: tuple[int, ...], kind: _K
                 lane = lane + inp["skip_w"].astype(lane.dtype) * inp["skip"]
             h = (lane, h[1]) if isinstance(h, tuple) else lane
         p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks)
+        if "per_visit" in inp:
+            p = _merge(p, inp["per_visit"])
         kwargs = dict(xsa=kind.xsa, mode=kind.mode, segments=ctx.get("segments"))
         if kind.ve >= 0:
             kwargs["ve"] = inp["ve_scale"].astype(x0.dtype) * ctx["ve"]
@@ -378,6 +397,12 @@ def _stack(params: Params, cfg: ModelConfig, x: Array, ctx: dict, recurrent: boo
     sched = layer_schedule(cfg, recurrent)
     ctx["num_virtual"] = len(sched.layers)
     blocks = params["blocks"]
+    per_visit = params.get(VIRTUAL_BLOCKS)
+    if per_visit is not None:
+        n_visits = {a.shape[0] for a in jax.tree.leaves(per_visit)}
+        if n_visits != {len(sched.layers)}:
+            raise ValueError(f"params[{VIRTUAL_BLOCKS!r}] must have one row per virtual layer "
+                             f"({len(sched.layers)}), got {sorted(n_visits)}")
     x0, h = x, x
     enc_outs: list[Array] = []
     skips = None
@@ -398,7 +423,8 @@ def _stack(params: Params, cfg: ModelConfig, x: Array, ctx: dict, recurrent: boo
         if kind.ve >= 0:
             ve_idx = [ve_layers(cfg).index(layer) for layer in sched.layers[start:stop]]
             ctx["ve_scales"] = params["ve_layer_scales"][np.asarray(ve_idx)]
-        h, ys, acc = _run_segment(block, blocks, sched.layers[start:stop], kind, h, x0, ctx, seg_skips, acc)
+        visit = None if per_visit is None else jax.tree.map(lambda a: a[start:stop], per_visit)
+        h, ys, acc = _run_segment(block, blocks, sched.layers[start:stop], kind, h, x0, ctx, seg_skips, acc, visit)
         if kind.role == "enc":
             enc_outs.append(ys)
     return _collapse(h), acc
