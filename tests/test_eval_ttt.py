@@ -269,3 +269,50 @@ def test_phased_global_sgd_trains_only_on_scored_documents(setup):  # noqa: F811
     assert np.mean(np.abs(base[starts[2] + 1 :] - lora[starts[2] + 1 :])) > 1e-4
     np.testing.assert_array_equal(other[:q], base[:q])
     assert np.all(other[q : starts[4]] != base[q : starts[4]])
+
+
+def test_phase_training_windows_never_cross_a_document(setup):  # noqa: F811
+    """The global SGD phase packs scored documents into training sequences, each document's
+    inputs from its own BOS and each target its own document's; attention is masked at BOS.
+    Probe: changing a token of document d changes neither the losses nor the gradient of the
+    positions of document d+1 in the same training sequence (without the mask both change)."""
+    import jax
+    import jax.numpy as jnp
+
+    from golfjax.eval.sliding import document_segments
+    from golfjax.eval.ttt_lora import phase_model, phase_training_tokens
+    from golfjax.model import gpt
+
+    sp, _, tokens, params = setup
+    bos = sp.bos_id()
+    starts = np.flatnonzero(tokens == bos)[:3]
+    stream = np.concatenate([tokens[b : b + n] for b, n in zip(starts, (40, 30, 50))])  # ends inside doc 3
+    docs = document_segments(stream, bos)[[1, 0, 2]]  # queue order: any order of scored documents
+    x, y, pos = phase_training_tokens(stream, docs)
+    np.testing.assert_array_equal(np.sort(pos), np.arange(1, len(stream)))  # each target once, its own
+    np.testing.assert_array_equal(y, stream[pos])
+    np.testing.assert_array_equal(x, stream[pos - 1])
+    assert x[0] == bos and x[30] == bos and x[70] == bos  # every document's inputs start at its BOS
+    # the first training sequence (SEQ tokens) holds queue document 1 (rows 0-29) and the start of 2
+    seq = slice(0, SEQ)
+    first, second = np.arange(0, 30), np.arange(30, SEQ)
+    changed = x.copy()
+    changed[10] = (changed[10] + 5) % 1000 + 8  # a token inside queue document 1 (not its BOS)
+    cfg = phase_model(MODEL, bos)
+
+    def doc_loss(p, c, inp):  # the loss of the second document's rows, and every row's NLL
+        nll = gpt.token_nll(p, c, inp[None], jnp.asarray(y[None, seq]))[0]
+        return jnp.sum(nll[second]), nll
+
+    for c, isolated in ((cfg, True), (MODEL, False)):
+        f = jax.jit(jax.value_and_grad(lambda p, inp, c=c: doc_loss(p, c, inp), has_aux=True))
+        (_, nll0), g0 = f(params, jnp.asarray(x[seq]))
+        (_, nll1), g1 = f(params, jnp.asarray(changed[seq]))
+        nll0, nll1 = np.asarray(nll0), np.asarray(nll1)
+        diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+        if isolated:
+            np.testing.assert_array_equal(nll0[second], nll1[second])
+            assert diff == 0.0
+            assert np.abs(nll0[first] - nll1[first]).max() > 0  # the changed document itself does change
+        else:
+            assert np.abs(nll0[second] - nll1[second]).max() > 1e-4 and diff > 0

@@ -93,17 +93,17 @@ def _freeze_mask(params, freeze_blocks: int):
     return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def sgd_on_chunk(cfg: ModelConfig, ecfg: EvalConfig, row_sharding, seq_len: int, carry, toks, lr, epochs: int):
-    """`epochs` passes of momentum SGD over one chunk's tokens (C + 1 of them: inputs and
-    shifted targets), in sequences of ttt_seq_len, batches of ttt_batch_seqs; global-norm
-    clip; the first ttt_freeze_blocks blocks frozen. Torch SGD: buf = m*buf + g; p -= lr*buf."""
+def sgd_on_chunk(cfg: ModelConfig, ecfg: EvalConfig, row_sharding, seq_len: int, carry, x, y, lr, epochs: int):
+    """`epochs` passes of momentum SGD over one chunk: inputs x and targets y (C each), in
+    sequences of ttt_seq_len, batches of ttt_batch_seqs; global-norm clip; the first
+    ttt_freeze_blocks blocks frozen. Torch SGD: buf = m*buf + g; p -= lr*buf."""
     C = ecfg.ttt_chunk_tokens
     S = ecfg.ttt_seq_len or seq_len
     n_seq = C // S
     batch = min(ecfg.ttt_batch_seqs, n_seq)
     steps = n_seq // batch
     params, mom = carry
-    xs, ys = toks[:-1].reshape(n_seq, S), toks[1:].reshape(n_seq, S)
+    xs, ys = x.reshape(n_seq, S), y.reshape(n_seq, S)
     mask = _freeze_mask(params, ecfg.ttt_freeze_blocks)
 
     def step(carry, i):
@@ -128,27 +128,32 @@ def sgd_on_chunk(cfg: ModelConfig, ecfg: EvalConfig, row_sharding, seq_len: int,
 
 @functools.lru_cache(maxsize=4)
 def make_global_sgd(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, epochs: int) -> Callable:
-    """Jitted (params, momentum, chunk tokens (C + 1,), lr) -> (params, momentum): one chunk of SGD."""
+    """Jitted (params, momentum, inputs (C,), targets (C,), lr) -> (params, momentum): one chunk of SGD."""
     rows = sharded_along(mesh, 0, 2)
-    fn = lambda params, mom, toks, lr: sgd_on_chunk(cfg, ecfg, rows, seq_len, (params, mom), toks, lr, epochs)
+    fn = lambda params, mom, x, y, lr: sgd_on_chunk(cfg, ecfg, rows, seq_len, (params, mom), x, y, lr, epochs)
     rep = replicated(mesh)
     return jax.jit(fn, in_shardings=rep, out_shardings=rep)
 
 
-def global_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, mesh: Mesh, seq_len: int,
-               lr: float, epochs: int):
-    """Full-model SGD over a flat token stream in chunks of ttt_chunk_tokens with a cosine LR over
-    the chunks (phased TTT's global step); a partial last chunk is dropped. Returns new params."""
+def global_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, x: np.ndarray, y: np.ndarray, mesh: Mesh,
+               seq_len: int, lr: float, epochs: int):
+    """Full-model SGD over flat inputs x and their targets y (phased TTT's global step), in chunks
+    of ttt_chunk_tokens with a cosine LR over the chunks; a partial last chunk is dropped.
+    Returns new params."""
     C = ecfg.ttt_chunk_tokens
-    n = (len(tokens) - 1) // C
+    if len(x) != len(y):
+        raise ValueError(f"global SGD: {len(x)} inputs but {len(y)} targets")
+    n = len(x) // C
     if n == 0:
         return params
     step = make_global_sgd(cfg, ecfg, mesh, seq_len, epochs)
     mom = jax.tree.map(jnp.zeros_like, params)
-    toks = np.asarray(tokens, np.int32)
+    x, y = np.asarray(x, np.int32), np.asarray(y, np.int32)
     for c in range(n):
         scale = 0.5 * (1.0 + math.cos(math.pi * c / max(n - 1, 1)))
-        params, mom = step(params, mom, put_replicated(toks[c * C : (c + 1) * C + 1], mesh), np.float32(lr * scale))
+        part = slice(c * C, (c + 1) * C)
+        params, mom = step(params, mom, put_replicated(x[part], mesh), put_replicated(y[part], mesh),
+                           np.float32(lr * scale))
     return params
 
 
@@ -188,7 +193,7 @@ def make_ttt_scan(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, 
 
     def adapt(carry, stream, c, lr):
         toks = jax.lax.dynamic_slice(stream, (c * C,), (C + 1,))
-        return sgd_on_chunk(cfg, ecfg, row_sharding, seq_len, carry, toks, lr, ecfg.ttt_epochs)
+        return sgd_on_chunk(cfg, ecfg, row_sharding, seq_len, carry, toks[:-1], toks[1:], lr, ecfg.ttt_epochs)
 
     def run(carry, stream, starts, lengths, firsts, chunk_ids, train, lr, arrays):
         def body(carry, xs):

@@ -21,10 +21,18 @@ A is uniform +-1/sqrt(in), B is zero, so a fresh LoRA is the base model
 exactly. The adapters enter the unchanged model code as `gpt.VIRTUAL_BLOCKS`
 params (merged into the block's params at each visit) and are added by a
 `flax.linen.intercept_methods` hook: the base forward is `golfjax.model.gpt`'s own.
+
+Phased TTT (`ttt_variant=phased`): after each of `ttt_phase_docs` fully scored
+documents (counted in queue order at batch ends), full-model SGD runs on those
+documents, packed in queue order with attention masked at every BOS
+(`phase_model`, `phase_training_tokens`): a training window never sees another
+document, as the records' varlen global TTT. Then the queue resumes on the
+updated base model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -180,14 +188,38 @@ def doc_batches(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> list[np
     return [seg[i : i + docs_per_batch] for i in range(0, len(seg), docs_per_batch)]
 
 
-def phase_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, docs: list, mesh: Mesh,
-              seq_len: int):
-    """Phased TTT's pause: full-model SGD on the concatenated tokens of already scored documents
-    (each [BOS_i, BOS_i+1); context may cross documents inside a training sequence)."""
+def phase_training_tokens(tokens: np.ndarray, docs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets and target positions of the scored documents `docs` ((start, last target)
+    segments, in queue order), packed one after the other: document i gives inputs
+    tokens[start:last] and targets tokens[start+1:last+1], so every target is its own document's
+    (the last one is the next BOS, or the stream's last token) and every document's inputs
+    start at its BOS."""
+    tokens = np.asarray(tokens)
+    parts = [(tokens[a:b], tokens[a + 1 : b + 1], np.arange(a + 1, b + 1)) for a, b in docs]
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    x, y, pos = (np.concatenate(p) for p in zip(*parts))
+    return x.astype(np.int32), y.astype(np.int32), pos
+
+
+def phase_model(cfg: ModelConfig, bos_id: int) -> ModelConfig:
+    """The model the global SGD phase trains: the evaluated model with attention masked at every
+    BOS (`doc_mask`), so packed training sequences never attend across a document boundary
+    (the records' varlen attention, GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1). Context read from the
+    previous token outside attention (BigramHash at BOS, SmearGate without its BOS fix) is the
+    model's own and not cut here."""
+    return dataclasses.replace(cfg, doc_mask=True, doc_bos_id=bos_id)
+
+
+def phase_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, docs, mesh: Mesh, seq_len: int,
+              bos_id: int = 1):
+    """Phased TTT's pause: full-model SGD on already scored documents, packed in queue order with
+    document-masked attention (`phase_model`). Returns the new params."""
     from golfjax.eval.ttt import global_sgd
 
-    stream = np.concatenate([np.asarray(tokens[a:b]) for a, b in docs] + [np.asarray(tokens[docs[-1][1]:][:1])])
-    return global_sgd(params, cfg, ecfg, stream, mesh, seq_len, ecfg.ttt_phase_lr, ecfg.ttt_phase_epochs)
+    x, y, _ = phase_training_tokens(tokens, docs)
+    return global_sgd(params, phase_model(cfg, bos_id), ecfg, x, y, mesh, seq_len, ecfg.ttt_phase_lr,
+                      ecfg.ttt_phase_epochs)
 
 
 def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, position_bytes: np.ndarray,
@@ -236,7 +268,10 @@ def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.nda
         scored_docs.extend(seg)
         while phases and len(scored_docs) >= phases[0]:  # pause: global SGD on scored documents only
             tp = time.perf_counter()
-            params = phase_sgd(params, cfg, ecfg, tokens, scored_docs[: phases.pop(0)], mesh, seq_len)
+            docs = scored_docs[: phases.pop(0)]
+            if not np.all(seen[phase_training_tokens(tokens, docs)[2]] == 1):
+                raise AssertionError("phased TTT: the global SGD would train on a target not scored yet")
+            params = phase_sgd(params, cfg, ecfg, tokens, docs, mesh, seq_len, bos_id)
             t_phases += time.perf_counter() - tp
     if not (seen[0] == 0 and np.all(seen[1:] == 1)):
         raise AssertionError(f"LoRA TTT scored positions {int(seen.min())}..{int(seen.max())} times")
