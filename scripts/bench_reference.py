@@ -32,9 +32,10 @@ in `torch.compile`; --no-compile runs both eagerly.
 Tokens are uniform random. The learning-rate multiplier is 1 (the reference's
 wall-clock warmdown only changes the value of the learning rate, not the work).
 After --warmup untimed steps (the first includes compilation, reported as
-compile_s), --steps steps are timed; the last line is one JSON object with the
-keys of scripts/bench.py where they overlap (tokens_per_s, step_ms median,
-step_ms_min, peak_rss_mb, tokens_per_step, steps, compile_s, machine).
+compile_s), --steps steps are timed, each step's time on stderr; the last line
+is one JSON object with the keys of scripts/bench.py where they overlap
+(tokens_per_s, step_ms median, step_ms_min, peak_rss_mb, tokens_per_step,
+steps, compile_s, machine).
 """
 
 from __future__ import annotations
@@ -224,6 +225,10 @@ def train_step(h: Harness, batches: list, step: int, lr_scale: float = 1.0) -> f
     return float(train_loss.item())
 
 
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -277,11 +282,13 @@ def bench(reference: str | os.PathLike, dtype: str = "fp32", compile: bool = Tru
         t0 = time.perf_counter()
         losses.append(train_step(h, data[i], step=i))
         warmup_s.append(time.perf_counter() - t0)
+        _progress(f"warm-up step {i + 1}/{warmup}: {warmup_s[-1]:.1f} s, loss {losses[-1]:.4f}")
     times = []
     for i in range(warmup, warmup + steps):
         t0 = time.perf_counter()
         losses.append(train_step(h, data[i], step=i))
         times.append(time.perf_counter() - t0)
+        _progress(f"step {i - warmup + 1}/{steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
     step_s = statistics.median(times)
     tokens = h.tokens_per_step
     return {
