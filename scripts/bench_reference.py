@@ -225,6 +225,11 @@ def train_step(h: Harness, batches: list, step: int, lr_scale: float = 1.0) -> f
     return float(train_loss.item())
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -283,12 +288,14 @@ def bench(reference: str | os.PathLike, dtype: str = "fp32", compile: bool = Tru
         losses.append(train_step(h, data[i], step=i))
         warmup_s.append(time.perf_counter() - t0)
         _progress(f"warm-up step {i + 1}/{warmup}: {warmup_s[-1]:.1f} s, loss {losses[-1]:.4f}")
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup, warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         losses.append(train_step(h, data[i], step=i))
         times.append(time.perf_counter() - t0)
-        _progress(f"step {i - warmup + 1}/{steps}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
+        cpu_times.append(_cpu_s() - c0)
+        _progress(f"step {i - warmup + 1}/{steps}: {times[-1]:.2f} s ({cpu_times[-1]:.2f} s CPU), "
+                  f"loss {losses[-1]:.4f}")
     step_s = statistics.median(times)
     tokens = h.tokens_per_step
     return {
@@ -299,6 +306,10 @@ def bench(reference: str | os.PathLike, dtype: str = "fp32", compile: bool = Tru
         "compile_s": round(warmup_s[0], 2),  # the first warm-up step: compilation + one step
         "warmup_ms": [round(1000 * s, 1) for s in warmup_s],
         "steps_ms": [round(1000 * s, 1) for s in times],
+        # This process's user + system CPU time per step (median): on a busy machine the
+        # wall time above is inflated by waiting; divided by the threads this bounds what
+        # an idle machine would show (OpenMP spin-waiting counts as CPU time too).
+        "step_cpu_ms": round(1000 * statistics.median(cpu_times), 2),
         "tokens_per_step": tokens,
         "steps": steps,
         "warmup_steps": warmup,
