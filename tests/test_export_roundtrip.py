@@ -16,7 +16,7 @@ import pytest
 
 from golfjax.export.artifact import read_artifact
 from golfjax.export.pipeline import export_params, load_artifact_params
-from tests.conftest import FINEWEB_DOCS, REPO, TOKENIZER_1024, require
+from tests.conftest import REPO, TOKENIZER_1024, require
 from tests.test_golden_parity import evaluate, golden_config, golden_json, load_params, val_setup  # noqa: F401
 
 GOLDEN_ENV = {"VOCAB_SIZE": "1024", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
@@ -52,19 +52,20 @@ def run_cli(args, env_extra, cwd=REPO):
     return proc
 
 
-def test_command_line_reproduces_golden_numbers(golden_dir, tmp_path):
-    """prepare_data.py text -> evaluate.py --reference-state with the reference's env vars."""
-    data = tmp_path / "data"
-    run_cli(["scripts/prepare_data.py", "text", str(require(FINEWEB_DOCS)), "--tokenizer", str(TOKENIZER_1024),
-             "--out", str(data), "--num-val-docs", "20", "--quiet"], {})
-    for sub in ("", "trained"):
-        gj = golden_json(golden_dir, sub)
-        proc = run_cli(["scripts/evaluate.py", "--reference-state", str(golden_dir / sub / "final_state.npz"),
-                        "--data-dir", str(data), "--tokenizer", str(TOKENIZER_1024), "--check-bytes"], GOLDEN_ENV)
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert abs(out["val_loss"] - gj["val_loss"]) <= 1e-6
-        assert abs(out["val_bpb"] - gj["val_bpb"]) <= 1e-6
-        assert out["bytes_match"], out
+def test_command_line_reproduces_golden_numbers(golden_dir, golden_shards, tmp_path):
+    """prepare_data.py text -> evaluate.py --reference-state with the reference's env vars.
+
+    The shards are the session's `golden_shards`: that same `prepare_data.py text` command
+    (test_prepare checks their sha256). The CLI scores the trained golden state; the untrained
+    final state's numbers are checked in-process by test_golden_parity.test_validation_loss_and_bpb."""
+    data = golden_shards
+    gj = golden_json(golden_dir, "trained")
+    proc = run_cli(["scripts/evaluate.py", "--reference-state", str(golden_dir / "trained" / "final_state.npz"),
+                    "--data-dir", str(data), "--tokenizer", str(require(TOKENIZER_1024)), "--check-bytes"], GOLDEN_ENV)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(out["val_loss"] - gj["val_loss"]) <= 1e-6
+    assert abs(out["val_bpb"] - gj["val_bpb"]) <= 1e-6
+    assert out["bytes_match"], out
 
     artifact = tmp_path / "trained.golf"
     run_cli(["scripts/export.py", "--reference-state", str(golden_dir / "trained" / "final_state.npz"),
