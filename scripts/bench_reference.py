@@ -121,13 +121,13 @@ class Harness:
         return (self.hp.train_batch_tokens // self.grad_accum_steps) * self.grad_accum_steps
 
 
-def build(ref, hp, dtype: str = "fp32", compile: bool = True, world_size: int = 1) -> Harness:
+def build(ref, hp, dtype: str = "fp32", compile: bool = True) -> Harness:
     """Model and optimizers as the reference's main() makes them, on CPU."""
     torch = _import_torch()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    grad_accum_steps = 8 // world_size  # the reference's rule
-    local_tokens = hp.train_batch_tokens // (world_size * grad_accum_steps)
+    grad_accum_steps = 8  # the reference's 8 // world_size, in one process
+    local_tokens = hp.train_batch_tokens // grad_accum_steps
     if local_tokens <= 0 or local_tokens % hp.train_seq_len:
         raise ValueError(f"train_batch_tokens={hp.train_batch_tokens} / {grad_accum_steps} micro-batches "
                          f"is not a positive multiple of train_seq_len={hp.train_seq_len}")
