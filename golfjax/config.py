@@ -41,8 +41,12 @@ class ModelConfig:
     qk_gain_init: float = 1.5
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Params are always float32.
     compute_dtype: str = "auto"
-    # "auto": cuDNN fused attention on GPU with 16-bit inputs, XLA elsewhere.
+    # "auto": cuDNN fused attention on GPU with 16-bit inputs, golfjax's blocked
+    # attention on CPU (golfjax.model.cpu_ops), XLA elsewhere.
     attention_impl: str = "auto"
+    # Dense layers' matmul: "auto" is "cpu" on CPU (golfjax.model.cpu_ops.linear,
+    # YNNPACK-friendly layouts and VJP) and "xla" (flax's own) elsewhere.
+    matmul_impl: str = "auto"
     # --- record-stack options (docs: ../shared/research/record-stack.md 1.2-1.5, 1.9);
     # every default is the reference baseline.
     # MLP activation: "relu2" (reference) or "leaky_relu2" (leaky_relu(x, 0.5)^2).
@@ -571,6 +575,8 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
 def validate_model(m: ModelConfig) -> None:
     """The record-stack options: ranges and combinations the model cannot build."""
     head_dim = m.model_dim // m.num_heads
+    if m.matmul_impl not in ("auto", "cpu", "xla"):
+        raise ConfigError(f"matmul_impl must be auto, cpu or xla, got {m.matmul_impl!r}")
     if m.mlp_act not in ("relu2", "leaky_relu2"):
         raise ConfigError(f"mlp_act must be relu2 or leaky_relu2, got {m.mlp_act!r}")
     if m.rope_dims < 0 or m.rope_dims % 2 or m.rope_dims > head_dim:

@@ -70,11 +70,12 @@ class PlanError(ValueError):
 
 
 def planning_config(cfg: Config) -> Config:
-    """The config as the GPUs run it: bf16 compute and XLA attention where the config says "auto"."""
+    """The config as the GPUs run it: bf16 compute, XLA attention and matmuls where the config says "auto"."""
     m = cfg.model
     dtype = "bfloat16" if m.compute_dtype == "auto" else m.compute_dtype
     attn = "xla" if m.attention_impl in ("auto", "cudnn") else m.attention_impl
-    return replace(cfg, model=replace(m, compute_dtype=dtype, attention_impl=attn))
+    matmul = "xla" if m.matmul_impl == "auto" else m.matmul_impl
+    return replace(cfg, model=replace(m, compute_dtype=dtype, attention_impl=attn, matmul_impl=matmul))
 
 
 def abstract_params(cfg: Config):
@@ -349,7 +350,7 @@ class Plan:
 
 def is_reference_baseline_shape(cfg: Config) -> bool:
     base = Config()
-    return (replace(cfg.model, compute_dtype="auto", attention_impl="auto") == base.model
+    return (replace(cfg.model, compute_dtype="auto", attention_impl="auto", matmul_impl="auto") == base.model
             and cfg.train.train_batch_tokens == base.train.train_batch_tokens
             and cfg.train.train_seq_len == base.train.train_seq_len)
 

@@ -1,5 +1,8 @@
-"""The CPU fast paths equal the plain ones: blocked causal attention vs
-jax.nn.dot_product_attention, and the unrolled layer scan vs the rolled one."""
+"""The CPU fast paths equal the plain ones: golfjax.model.cpu_ops (causal
+attention and the Dense matmul, with their hand-written VJPs) and the
+document-masked blocked attention vs jax.nn.dot_product_attention / x @ W, the
+whole model with matmul_impl cpu vs xla, and the unrolled layer scan vs the
+rolled one."""
 
 from __future__ import annotations
 
@@ -11,32 +14,84 @@ import numpy as np
 import pytest
 
 from golfjax.config import Config
-from golfjax.model import gpt
+from golfjax.model import cpu_ops, gpt
 from golfjax.model.layers import blocked_causal_attention
 
 
-@pytest.mark.parametrize("seq,heads,kv,block", [(64, 4, 2, 16), (50, 4, 4, 16), (32, 2, 1, 64)])
-def test_blocked_attention_equals_xla(seq, heads, kv, block):
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(ks[0], (2, seq, heads, 8))
-    k = jax.random.normal(ks[1], (2, seq, kv, 8))
-    v = jax.random.normal(ks[2], (2, seq, kv, 8))
-    g = jax.random.normal(ks[3], (2, seq, heads, 8))
-    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    ours = lambda q, k, v: blocked_causal_attention(q, k, v, block)
-    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=0, atol=1e-6)
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(grad(ours), grad(ref)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+def _qkvg(seq, heads, kv, dim=8, batch=2, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (batch, seq, heads, dim))
+    k = jax.random.normal(ks[1], (batch, seq, kv, dim))
+    v = jax.random.normal(ks[2], (batch, seq, kv, dim))
+    return q, k, v, jax.random.normal(ks[3], (batch, seq, heads, dim))
 
 
-def test_blocked_attention_bfloat16_close_to_xla():
-    ks = jax.random.split(jax.random.PRNGKey(1), 3)
-    q, k, v = (jax.random.normal(kk, (1, 48, 2, 16)).astype(jnp.bfloat16) for kk in ks)
-    ours = blocked_causal_attention(q, k, v, 16)
-    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+def _xla_attention(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+# (seq, heads, kv heads, block): whole blocks, a partial last block, one block, MHA and MQA.
+ATTENTION_CASES = [(64, 4, 2, 16), (50, 4, 4, 16), (32, 2, 1, 64)]
+
+
+@pytest.mark.parametrize("impl", ["cpu_ops", "blocked_with_segments"])
+def test_cpu_attention_equals_xla(impl):
+    """Outputs and all three gradients, on every case (one compile per case and path)."""
+    for seq, heads, kv, block in ATTENTION_CASES:
+        q, k, v, g = _qkvg(seq, heads, kv)
+        if impl == "cpu_ops":
+            ours = lambda q, k, v: cpu_ops.causal_attention(q, k, v, block)
+        else:  # one document per row: the mask path must equal plain causal attention
+            seg = jnp.ones((2, seq), jnp.int32)
+            ours = lambda q, k, v: blocked_causal_attention(q, k, v, block, segments=seg)
+        np.testing.assert_allclose(ours(q, k, v), _xla_attention(q, k, v), rtol=0, atol=1e-6)
+        grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2)))(q, k, v)
+        for name, a, b in zip("qkv", grad(ours), grad(_xla_attention)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"d{name} {(seq, heads, kv, block)}")
+
+
+def test_cpu_attention_bfloat16_close_to_xla():
+    q, k, v, g = (a.astype(jnp.bfloat16) for a in _qkvg(48, 4, 2, dim=16, batch=1, seed=1))
+    ours = cpu_ops.causal_attention(q, k, v, 16)
+    ref = _xla_attention(q, k, v)
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(ours), np.float32(ref), rtol=0, atol=2e-2)
+    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grad(lambda *a: cpu_ops.causal_attention(*a, 16)), grad(_xla_attention)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_cpu_linear_equals_matmul(dtype, tol):
+    """Value, dx and dW of cpu_ops.linear vs x @ W (3-D input: the token axes are flattened for dW)."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 32)).astype(dtype)
+    w = (jax.random.normal(jax.random.PRNGKey(2), (32, 24)) / 6).astype(dtype)
+    dy = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 24)).astype(dtype)
+    f32 = lambda a: a.astype(jnp.float32)
+    ours = jax.jit(lambda x, w: jax.vjp(cpu_ops.linear, x, w))
+    y1, back = ours(x, w)
+    dx1, dw1 = back(dy)
+    y2, back = jax.vjp(lambda x, w: f32(x) @ f32(w), x, w)
+    dx2, dw2 = back(f32(dy))
+    assert y1.dtype == dtype and dx1.dtype == dtype and dw1.dtype == dtype
+    scale = lambda a: float(jnp.max(jnp.abs(a)))
+    for a, b in ((y1, y2), (dx1, dx2), (dw1, dw2)):
+        assert scale(f32(a) - f32(b)) <= tol * scale(f32(b))
+
+
+def test_model_with_cpu_matmuls_equals_xla_matmuls():
+    """The Dense layers' dot_general is the only difference: loss and every gradient agree."""
+    cfg = replace(Config().model, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64,
+                  compute_dtype="float32", attention_impl="xla")
+    params = gpt.init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
+    x = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 64)
+    run = lambda c: jax.jit(jax.value_and_grad(lambda p: gpt.loss(p, c, x, x)))(params)
+    (l_cpu, g_cpu), (l_xla, g_xla) = run(replace(cfg, matmul_impl="cpu")), run(replace(cfg, matmul_impl="xla"))
+    assert abs(float(l_cpu) - float(l_xla)) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_unrolled_stack_equals_rolled(monkeypatch):
@@ -53,7 +108,11 @@ def test_unrolled_stack_equals_rolled(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_auto_attention_is_blocked_on_cpu():
+def test_auto_attention_and_matmul_are_the_cpu_ops_on_cpu():
+    from golfjax.model.layers import resolve_matmul_impl
+
     if jax.default_backend() == "cpu":
         assert gpt.resolve_attention_impl("auto", jnp.float32) == "blocked"
+        assert resolve_matmul_impl("auto") == "cpu"
     assert gpt.resolve_attention_impl("xla", jnp.float32) == "xla"
+    assert resolve_matmul_impl("xla") == "xla"

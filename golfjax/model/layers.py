@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from golfjax.model import cpu_ops
+
 Array = jax.Array
 
 
@@ -80,10 +82,19 @@ def kernel_init(zero_init: bool = False, ortho_init: bool = False, std: float | 
     return init
 
 
+def resolve_matmul_impl(name: str) -> str:
+    """'auto' is golfjax's CPU matmul (golfjax.model.cpu_ops.linear) on CPU, flax's elsewhere."""
+    if name == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return name
+
+
 def dense(features: int, name: str, dtype, zero_init: bool = False, ortho_init: bool = False,
-          std: float | None = None) -> nn.Dense:
+          std: float | None = None, matmul_impl: str = "xla") -> nn.Dense:
     init = kernel_init(zero_init, ortho_init, std)
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+    extra = {"dot_general": cpu_ops.dense_dot_general} if resolve_matmul_impl(matmul_impl) == "cpu" else {}
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name,
+                    **extra)
 
 
 GRAMS = "grams"  # the collection `matrix_input_grams` makes mutable
@@ -104,7 +115,7 @@ def sow_gram(module: nn.Module, names: tuple[str, ...], x: Array) -> None:
             module.sow(GRAMS, name + GRAM_SUFFIX, g)
 
 
-ATTENTION_BLOCK = 128  # query rows per block of `blocked_causal_attention`
+ATTENTION_BLOCK = cpu_ops.ATTENTION_BLOCK  # query rows per block
 
 
 def blocked_causal_attention(q: Array, k: Array, v: Array, block: int = ATTENTION_BLOCK,
@@ -159,11 +170,14 @@ def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
                    segments: Array | None = None) -> Array:
     """Causal GQA attention on (B, T, heads, head_dim); kv heads are shared natively.
 
-    "blocked" is `blocked_causal_attention` (golfjax's CPU default); anything
-    else goes to `jax.nn.dot_product_attention` ("xla", "cudnn", None). With
-    `segments` a query only sees keys of its own document (a dense (B,1,T,T) mask, on XLA).
+    "blocked" (golfjax's CPU default) is `cpu_ops.causal_attention`, or with
+    `segments` `blocked_causal_attention`; anything else goes to
+    `jax.nn.dot_product_attention` ("xla", "cudnn", None). With `segments` a
+    query only sees keys of its own document (a dense (B,1,T,T) mask, on XLA).
     """
     if implementation == "blocked":
+        if segments is None:
+            return cpu_ops.causal_attention(q, k, v)
         return blocked_causal_attention(q, k, v, segments=segments)
     mask = None
     if segments is not None:
@@ -211,9 +225,9 @@ class CausalSelfAttention(nn.Module):
         head_dim = dim // c.num_heads
         kv_dim = c.num_kv_heads * head_dim
         sow_gram(self, ("c_q", "c_k", "c_v"), x)
-        q = dense(dim, "c_q", self.dtype, ortho_init=c.ortho_init)(x).reshape(batch, seq, c.num_heads, head_dim)
-        k = dense(kv_dim, "c_k", self.dtype, ortho_init=c.ortho_init)(x).reshape(batch, seq, c.num_kv_heads, head_dim)
-        v = dense(kv_dim, "c_v", self.dtype, ortho_init=c.ortho_init)(x)
+        q = dense(dim, "c_q", self.dtype, ortho_init=c.ortho_init, matmul_impl=c.matmul_impl)(x).reshape(batch, seq, c.num_heads, head_dim)
+        k = dense(kv_dim, "c_k", self.dtype, ortho_init=c.ortho_init, matmul_impl=c.matmul_impl)(x).reshape(batch, seq, c.num_kv_heads, head_dim)
+        v = dense(kv_dim, "c_v", self.dtype, ortho_init=c.ortho_init, matmul_impl=c.matmul_impl)(x)
         if ve is not None:
             v = v + ve.astype(v.dtype)
         v = v.reshape(batch, seq, c.num_kv_heads, head_dim)
@@ -231,18 +245,19 @@ class CausalSelfAttention(nn.Module):
             y = y * gate[..., None]
         y = y.reshape(batch, seq, dim)
         sow_gram(self, ("proj",), y)
-        return dense(dim, "proj", self.dtype, zero_init=True)(y)
+        return dense(dim, "proj", self.dtype, zero_init=True, matmul_impl=c.matmul_impl)(y)
 
     def _gate(self, x: Array) -> Array | None:
         """Per-head output multiplier (B, T, H) of the configured gate, or None."""
         c = self.cfg
         if c.gated_attn:
             sow_gram(self, ("attn_gate",), x)
-            return jax.nn.sigmoid(dense(c.num_heads, "attn_gate", self.dtype, std=c.gated_attn_init_std)(x))
+            return jax.nn.sigmoid(dense(c.num_heads, "attn_gate", self.dtype, std=c.gated_attn_init_std,
+                                          matmul_impl=c.matmul_impl)(x))
         if c.attn_out_gate or c.sparse_attn_gate:
             xw = x[..., : c.attn_gate_window]
             sow_gram(self, ("attn_gate",), xw)
-            z = dense(c.num_heads, "attn_gate", self.dtype, zero_init=True)(xw)
+            z = dense(c.num_heads, "attn_gate", self.dtype, zero_init=True, matmul_impl=c.matmul_impl)(xw)
             if c.attn_out_gate:
                 return 2.0 * jax.nn.sigmoid(z)
             return jax.nn.sigmoid(c.sparse_attn_gate_scale * z)
@@ -266,17 +281,18 @@ class MLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     act: str = "relu2"
     ortho_init: bool = False
+    matmul_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         sow_gram(self, ("fc",), x)
-        h = dense(self.hidden, "fc", self.dtype, ortho_init=self.ortho_init)(x)
+        h = dense(self.hidden, "fc", self.dtype, ortho_init=self.ortho_init, matmul_impl=self.matmul_impl)(x)
         if self.act == "relu2":  # the reference's exact op order
             h = jnp.square(jax.nn.relu(h))
         else:
             h = mlp_activation(self.act, h)
         sow_gram(self, ("proj",), h)
-        return dense(self.dim, "proj", self.dtype, zero_init=True)(h)
+        return dense(self.dim, "proj", self.dtype, zero_init=True, matmul_impl=self.matmul_impl)(h)
 
 
 # How a block combines its sublayers (static per virtual layer):
@@ -305,7 +321,8 @@ class Block(nn.Module):
         mlp_scale = self.param("mlp_scale", ones, (c.model_dim,), jnp.float32)
         mix = mix.astype(x0.dtype)
         attn = CausalSelfAttention(c, self.dtype, self.attention_impl, name="attn")
-        mlp = MLP(c.model_dim, int(c.mlp_mult * c.model_dim), self.dtype, c.mlp_act, c.ortho_init, name="mlp")
+        mlp = MLP(c.model_dim, int(c.mlp_mult * c.model_dim), self.dtype, c.mlp_act, c.ortho_init, c.matmul_impl,
+                  name="mlp")
         if c.ln_scale:
             s = jax.lax.rsqrt(jnp.asarray(layer, jnp.float32) + 1.0).astype(x0.dtype)
             norm = lambda h: rms_norm(h) * s
