@@ -109,8 +109,21 @@ def newton_schulz(
     def up(x: jax.Array) -> jax.Array:
         return x.astype(f32)
 
+    narrow = jnp.dtype(dtype).itemsize < 4
+
+    def pin(x: jax.Array) -> jax.Array:
+        # Keep a bf16 operand bf16: XLA may otherwise feed the dot the float32 value
+        # the rounding came from ("excess precision"; the same numbers, but XLA:CPU
+        # then runs a float32 matmul at half the speed of its bf16 kernels).
+        return lax.optimization_barrier(x) if narrow else x
+
     def dot(x: jax.Array, y: jax.Array) -> jax.Array:  # float32 accumulation, not rounded
-        return jnp.matmul(x, y, preferred_element_type=f32)
+        return jnp.matmul(pin(x), pin(y), preferred_element_type=f32)
+
+    def gram(x: jax.Array) -> jax.Array:  # x x^T, contracting the last axis of both
+        x = pin(x)
+        return lax.dot_general(x, x, (((x.ndim - 1,), (x.ndim - 1,)), (tuple(range(x.ndim - 2)),) * 2),
+                               preferred_element_type=f32)
 
     def frobenius(x: jax.Array) -> jax.Array:
         return jnp.sqrt(jnp.sum(jnp.square(up(x)), axis=(-2, -1), keepdims=True))
@@ -137,7 +150,7 @@ def newton_schulz(
             aX = jnp.swapaxes(aX, -1, -2)
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
-        A = rnd(dot(X, jnp.swapaxes(X, -1, -2)))
+        A = rnd(gram(X))
         bA, cA = rnd(b * up(A)), rnd(c * up(A))
         if fused:
             if i > 0:
