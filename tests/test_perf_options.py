@@ -80,10 +80,28 @@ def test_cpu_linear_equals_matmul(dtype, tol):
         assert scale(f32(a) - f32(b)) <= tol * scale(f32(b))
 
 
-def test_model_with_cpu_matmuls_equals_xla_matmuls():
-    """The Dense layers' dot_general is the only difference: loss and every gradient agree."""
+def test_softcapped_nll_equals_the_plain_head_and_loss():
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 32))
+    w = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (64, 32))
+    y = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, 64)
+    g = jax.random.normal(jax.random.PRNGKey(3), (2, 16))
+
+    def plain(h, w):
+        logits = 30.0 * jnp.tanh((h @ w.T) / 30.0)
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]
+
+    ours = lambda h, w: cpu_ops.softcapped_nll(h, w, y, 30.0)
+    np.testing.assert_allclose(jax.jit(ours)(h, w), plain(h, w), rtol=0, atol=1e-5)
+    grads = lambda f: jax.jit(jax.grad(lambda h, w: jnp.sum(f(h, w) * g), argnums=(0, 1)))(h, w)
+    for a, b in zip(grads(ours), grads(plain)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_with_cpu_matmuls_equals_xla_matmuls(tied):
+    """Dense matmuls and the head + loss op are the only differences: loss and every gradient agree."""
     cfg = replace(Config().model, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=64,
-                  compute_dtype="float32", attention_impl="xla")
+                  compute_dtype="float32", attention_impl="xla", tie_embeddings=tied)
     params = gpt.init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
     x = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 64)

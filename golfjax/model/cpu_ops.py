@@ -86,6 +86,57 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
 
 
+# ----------------------------------------------------------------------------- head + loss
+
+
+def _softcap_logits(h: Array, w: Array, cap: float) -> tuple[Array, Array]:
+    """(tanh(z / cap), cap * tanh(z / cap)) of z = h @ w^T, float32; w is (vocab, dim)."""
+    z = lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32)
+    t = jnp.tanh(z / cap)
+    return t, cap * t
+
+
+def _nll_from_logits(logits: Array, y: Array) -> Array:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _softcapped_nll_impl(h: Array, w: Array, y: Array, cap: float) -> Array:
+    return _nll_from_logits(_softcap_logits(h, w, cap)[1], y)
+
+
+def _softcapped_nll_fwd(h, w, y, cap):
+    t, logits = _softcap_logits(h, w, cap)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    nll = lse[..., 0] - jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return nll, (h, w, y, t, lse)
+
+
+def _softcapped_nll_bwd(cap, res, g):
+    h, w, y, t, lse = res
+    vocab = w.shape[0]
+    p = jnp.exp(cap * t - lse)
+    onehot = y[..., None] == jnp.arange(vocab, dtype=y.dtype)
+    dz = (g[..., None] * (p - onehot.astype(F32)) * (1.0 - t * t)).astype(h.dtype)  # d nll / d z
+    dh = lax.dot_general(dz, w, (((dz.ndim - 1,), (0,)), ((), ())), preferred_element_type=F32)
+    dw_t = _dot_last_first(_transposed(h.reshape(-1, h.shape[-1])), dz.reshape(-1, vocab))  # (dim, vocab)
+    return dh.astype(h.dtype), _transposed(dw_t).astype(w.dtype), None
+
+
+_softcapped_nll = jax.custom_vjp(_softcapped_nll_impl, nondiff_argnums=(3,))
+_softcapped_nll.defvjp(_softcapped_nll_fwd, _softcapped_nll_bwd)
+
+
+def softcapped_nll(h: Array, w: Array, y: Array, cap: float) -> Array:
+    """Per-token NLL (float32) of the soft-capped logits cap * tanh(h @ w^T / cap).
+
+    h (..., dim), w (vocab, dim) in the compute dtype, y int targets. One op
+    for head and loss so that the backward is one elementwise pass over the
+    logits and two YNNPACK-shaped dots (autodiff's chain through tanh, the
+    softmax and the head matmul made four passes and an Eigen dot)."""
+    return _softcapped_nll(h, w, y, cap)
+
+
 # ----------------------------------------------------------------------------- attention
 
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from golfjax.config import ModelConfig, parse_layer_list
+from golfjax.model import cpu_ops
 from golfjax.model.layers import (GPTJ, GRAM_SUFFIX, GRAMS, LANES, SERIAL, Block, input_gram, kernel_init,
-                                  document_segments, rms_norm)
+                                  document_segments, resolve_matmul_impl, rms_norm)
 from golfjax.model.naming import is_control_tensor
 
 Array = jax.Array
@@ -484,6 +485,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: Array, *, qat=False, recur
 
 def token_nll(params: Params, cfg: ModelConfig, x: Array, y: Array, *, qat=False, recurrent: bool = True) -> Array:
     """Per-token negative log-likelihood in nats, float32, shape (B, T)."""
+    if resolve_matmul_impl(cfg.matmul_impl) == "cpu":  # head + loss as one op (golfjax.model.cpu_ops)
+        h = hidden_states(params, cfg, x, qat=qat, recurrent=recurrent)
+        w = params["tok_emb"]["embedding"] if cfg.tie_embeddings else params["lm_head"]["kernel"].T
+        return cpu_ops.softcapped_nll(h, w.astype(h.dtype), y, cfg.logit_softcap)
     logits = forward(params, cfg, x, qat=qat, recurrent=recurrent)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
