@@ -37,6 +37,32 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class Background:
+    """A command started now (output into out_dir, which it creates first) and waited for when its
+    test asks (`result`): the commands on the trained run are independent, so they run side by side
+    instead of one after the other."""
+
+    def __init__(self, args: list[str], out_dir, env: dict, cwd=REPO):
+        self.args, self.out_dir = args, out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "stdout", "wb") as so, open(out_dir / "stderr", "wb") as se:
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=so, stderr=se)
+
+    def result(self, timeout=900) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        read = lambda name: (self.out_dir / name).read_text(errors="replace")
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, read("stdout"), read("stderr"))
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def trained_run(golden_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("score") / "run"
@@ -46,15 +72,42 @@ def trained_run(golden_shards, tmp_path_factory):
     return run_dir, proc.stdout
 
 
-def test_score_reproduces_the_training_runs_bpb_exactly(trained_run):
+@pytest.fixture(scope="module")
+def commands(trained_run, tmp_path_factory):
+    """Every command the tests below run on the trained run, started together (each test waits for its own)."""
+    run_dir, _ = trained_run
+    out = tmp_path_factory.mktemp("commands")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    quiet = {k: v for k, v in env.items() if k != "GOLFJAX_DEBUG"}
+    artifact, ckpt = str(run_dir / "final_model.golf"), str(run_dir / "checkpoint")
+    specs = {
+        "score_plain": ([str(REPO / "scripts" / "score.py"), artifact, "--set", "eval.eval_mode=plain"], env),
+        "score": ([str(REPO / "scripts" / "score.py"), artifact], env),
+        "inspect": ([str(REPO / "scripts" / "inspect_artifact.py"), artifact, "--sort", "bytes", "--plot",
+                     str(out / "bytes.png")], env),
+        **{f"export_{scheme}": ([str(REPO / "scripts" / "export.py"), "--checkpoint", ckpt, "--out",
+                                 str(out / f"export_{scheme}" / "m.golf"), "--scheme", scheme], env)
+           for scheme in ("int8-zlib", "int6-zstd")},
+        "over_budget": ([str(REPO / "scripts" / "export.py"), "--checkpoint", ckpt, "--out",
+                         str(out / "over_budget" / "m.golf"), "--scheme", "int8-zlib", "--set", "export.codec=zlib",
+                         "--set", "export.artifact_limit_bytes=50000"], quiet),
+    }
+    started = {name: Background(args, out / name, e) for name, (args, e) in specs.items()}
+    yield out, started
+    for b in started.values():
+        if b.proc.poll() is None:
+            b.proc.kill()
+
+
+def test_score_reproduces_the_training_runs_bpb_exactly(trained_run, commands):
     run_dir, log = trained_run
     printed = [line for line in log.splitlines() if line.startswith("final_int8_zlib_roundtrip_exact")]
     assert len(printed) == 1
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["event"] == "final"
 
-    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf"),
-                         "--set", "eval.eval_mode=plain"]))
+    out = last_json(ok(commands[1]["score_plain"].result()))  # score.py ARTIFACT --set eval.eval_mode=plain
     assert out["val_bpb"] == final["roundtrip_val_bpb"] and out["val_loss"] == final["roundtrip_val_loss"]
     assert printed[0] == f"final_int8_zlib_roundtrip_exact val_loss:{out['val_loss']:.8f} val_bpb:{out['val_bpb']:.8f}"
     assert out["scheme"] == "int6-brotli" and out["codec"] == "pergroup" and out["mode"] == "plain"
@@ -62,24 +115,23 @@ def test_score_reproduces_the_training_runs_bpb_exactly(trained_run):
     assert out["total_bytes"] == out["model_bytes"] + out["code_bytes"] == final["artifact_bytes"] and out["fits"]
 
 
-def test_score_reproduces_the_runs_final_sliding_evaluation_exactly(trained_run):
+def test_score_reproduces_the_runs_final_sliding_evaluation_exactly(trained_run, commands):
     """The run's configured final evaluation (sliding here) scores the whole validation stream,
     as the grader's score.py does with the artifact's own settings: same targets, same BPB."""
     run_dir, log = trained_run
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final_eval = [e for e in events if e["event"] == "final_eval_mode"]
     assert len(final_eval) == 1 and final_eval[0]["mode"] == "sliding"
-    out = last_json(run([str(REPO / "scripts" / "score.py"), str(run_dir / "final_model.golf")]))
+    out = last_json(ok(commands[1]["score"].result()))  # score.py ARTIFACT
     assert out["mode"] == "sliding"
     assert out["tokens_scored"] == final_eval[0]["tokens_scored"] and out["bytes"] == final_eval[0]["bytes"]
     assert out["val_bpb"] == final_eval[0]["val_bpb"] and out["val_loss"] == final_eval[0]["val_loss"]
 
 
-def test_inspector_accounts_for_every_payload_byte(trained_run, tmp_path):
-    run_dir, _ = trained_run
-    png = tmp_path / "bytes.png"
-    proc = run([str(REPO / "scripts" / "inspect_artifact.py"), str(run_dir / "final_model.golf"),
-                "--sort", "bytes", "--plot", str(png)])
+def test_inspector_accounts_for_every_payload_byte(commands):
+    out_dir, started = commands
+    png = out_dir / "bytes.png"
+    proc = ok(started["inspect"].result())  # inspect_artifact.py ARTIFACT --sort bytes --plot PNG
     out = last_json(proc)
     rows = {r["name"]: r for r in out["tensors"]}
     payload = sum(s["compressed_bytes"] for s in out["streams"])
@@ -94,11 +146,10 @@ def test_inspector_accounts_for_every_payload_byte(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["int8-zlib", "int6-zstd"])
-def test_export_recipes_from_the_runs_checkpoint(trained_run, tmp_path, scheme):
-    run_dir, _ = trained_run
-    out = last_json(run([str(REPO / "scripts" / "export.py"), "--checkpoint", str(run_dir / "checkpoint"),
-                         "--out", str(tmp_path / "m.golf"), "--scheme", scheme]))
-    assert out["scheme"] == scheme and out["model_bytes"] == (tmp_path / "m.golf").stat().st_size
+def test_export_recipes_from_the_runs_checkpoint(commands, scheme):
+    out_dir, started = commands
+    out = last_json(ok(started[f"export_{scheme}"].result()))  # export.py --checkpoint C --out M --scheme S
+    assert out["scheme"] == scheme and out["model_bytes"] == (out_dir / f"export_{scheme}" / "m.golf").stat().st_size
     assert out["total_bytes"] == out["model_bytes"] + out["code_bytes"]
     assert out["codec"] == "pergroup"  # the run's export.codec travels with its config
 
@@ -123,13 +174,9 @@ def test_tampered_artifact_is_one_error_line(tmp_path, script):
                                                 "the file is corrupted or was modified"]
 
 
-def test_over_budget_export_fails_with_the_breakdown(trained_run, tmp_path):
-    run_dir, _ = trained_run
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GOLFJAX_DEBUG")}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "--checkpoint",
-                           str(run_dir / "checkpoint"), "--out", str(tmp_path / "m.golf"), "--scheme", "int8-zlib",
-                           "--set", "export.codec=zlib", "--set", "export.artifact_limit_bytes=50000"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_over_budget_export_fails_with_the_breakdown(commands):
+    # export.py --checkpoint C --out M --scheme int8-zlib --set export.codec=zlib --set export.artifact_limit_bytes=50000
+    proc = commands[1]["over_budget"].result()
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0].startswith("error: artifact over budget by ") and "> limit 50000" in lines[0]
