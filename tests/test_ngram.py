@@ -279,3 +279,146 @@ def test_evaluator_ngram_mode_is_the_host_mix_of_sliding_and_causal(ngram_mode, 
     u[200:] = (u[200:] + 1) % 30 + 2
     other, _ = _evaluate(u, "sliding+ngram", ngram_mode)
     np.testing.assert_array_equal(other.info["per_position"][1][:199], mnll[:199])
+
+
+# ---------------------------------------------------------------- out-of-stream scoring orders (LoRA TTT)
+
+
+def _doc_stream(seed: int = 7) -> np.ndarray:
+    """Documents (BOS = 1) over a small vocabulary, with repeats inside and across documents."""
+    rng = np.random.default_rng(seed)
+    phrase = rng.integers(2, V, 30)
+    docs = []
+    for n in (70, 25, 55, 40, 90, 12):
+        body = np.tile(phrase, 4)[rng.integers(0, 30) :][: n - 1].copy()
+        flip = rng.random(n - 1) < 0.15
+        body[flip] = rng.integers(2, V, int(flip.sum()))
+        docs.append(np.concatenate([[1], body]))
+    return np.concatenate(docs)
+
+
+def _lora_order(t: np.ndarray, docs: int = 2, chunk: int = 8):
+    from golfjax.eval.ttt_lora import lora_scoring_order
+
+    return lora_scoring_order(t, 1, docs, chunk)
+
+
+def _brute_ordered_counts(tokens, k, order):
+    """(ctx, joint, types, best, best_count) at every position from the entries scored before it."""
+    out = {p: (0, 0, 0, -1, 0) for p in range(len(tokens))}
+    ctx_of = {}
+    for i, (p, cs) in enumerate(zip(order.positions, order.context_start)):
+        if p - k < cs:
+            continue
+        ctx = tuple(tokens[p - k : p])
+        seen: dict[int, int] = {}
+        n = best_count = 0
+        best = -1
+        for q, y in ctx_of.get(ctx, []):
+            n += 1
+            seen[y] = seen.get(y, 0) + 1
+            if seen[y] > best_count:
+                best, best_count = y, seen[y]
+        out[p] = (n, seen.get(tokens[p], 0), len(seen), best, best_count)
+        ctx_of.setdefault(ctx, []).append((p, tokens[p]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_scoring_order_counts(k):
+    """In stream order they are order_counts exactly; in LoRA's order they are the counts of the
+    targets scored before, with contexts cut at the document's BOS (checked by hand)."""
+    from golfjax.eval.mix import ScoringOrder
+
+    t = _doc_stream()
+    stream = ng.scoring_order_counts(t, k, ScoringOrder.stream(len(t)), with_best=True)
+    plain = ng.order_counts(t, k, with_best=True)
+    for name in ("ctx", "joint", "types", "best", "best_count"):
+        np.testing.assert_array_equal(getattr(stream, name), getattr(plain, name), err_msg=name)
+    order = _lora_order(t)
+    order.check(len(t))
+    assert not np.array_equal(order.positions, np.arange(1, len(t)))  # really out of stream order
+    c = ng.scoring_order_counts(t, k, order, with_best=True)
+    want = _brute_ordered_counts([int(x) for x in t], k, order)
+    for p in range(len(t)):
+        assert (c.ctx[p], c.joint[p], c.types[p], c.best[p], c.best_count[p]) == want[p], p
+
+
+def _mixed_distribution(spec, t, p, order, logp):
+    """Every token's mixed probability at position p, through the Evaluator's device combine: the
+    side arrays at p are rebuilt with each candidate as the target (they depend on it only as the
+    target, never as context)."""
+    import jax.numpy as jnp
+
+    probs = np.empty(V)
+    for y in range(V):
+        u = t.copy()
+        u[p] = y
+        mix = ng.position_mix_from_spec(spec, u, V, order)
+        side = {name: jnp.asarray(v[p : p + 1]) for name, v in mix.side.items()}
+        qlogp = jnp.asarray(logp[mix.query_ids[p]][None], jnp.float32)
+        nll = mix.combine(jnp.asarray([-logp[y]], jnp.float32), qlogp, side, jnp.asarray([y], jnp.int32))
+        probs[y] = np.exp(-float(np.asarray(nll)[0]))
+    return probs
+
+
+@pytest.mark.parametrize("scoring", ["stream", "lora"])
+@pytest.mark.parametrize("spec", [ng.NgramSpec(mode="interp", orders=(1, 2, 3), lam=0.6), _tilt_spec((1, 2, 3))],
+                         ids=["interp", "tilt"])
+def test_mixed_distributions_sum_to_one(spec, scoring):
+    """(e) In every scoring order an evaluator uses, the mixed distribution at a position sums to 1
+    over the vocabulary (positions with and without a tilt hint, first targets of documents).
+    Substituting the target works at non-BOS positions only: a BOS is structure known up front
+    (documents are cut and queued by it, as in the records), so the LoRA order may read a
+    document's BOS as context before the previous document's last target is scored."""
+    from golfjax.eval.mix import ScoringOrder
+
+    t = _doc_stream()
+    order = ScoringOrder.stream(len(t)) if scoring == "stream" else _lora_order(t)
+    rng = np.random.default_rng(8)
+    hints = ng.position_mix_from_spec(spec, t, V, order).side.get("hint")
+    picks = [1, 2, 71, 72, 151, 200, len(t) - 1]
+    if hints is not None:
+        picks += [int(np.flatnonzero((hints >= 0) & (t != 1))[-1])]
+    for p in picks:
+        assert t[p] != 1
+        logp = _log_softmax(rng.normal(size=V) * 2)
+        total = _mixed_distribution(spec, t, p, order, logp).sum()
+        assert total == pytest.approx(1.0, abs=2e-6), p
+
+
+@pytest.mark.parametrize("spec", [ng.NgramSpec(mode="interp", orders=(1, 2, 3, 4), lam=0.5), _tilt_spec((1, 2, 3))],
+                         ids=["interp", "tilt"])
+def test_ordered_mix_never_depends_on_a_later_target(spec):
+    """(a) for the n-gram alone: in LoRA's scoring order, changing every target after entry i
+    (BOS kept) leaves the mix of entries 0..i-1 unchanged, while later entries change."""
+    t = _doc_stream()
+    order = _lora_order(t)
+    base = ng.position_mix_from_spec(spec, t, V, order)
+    rng = np.random.default_rng(9)
+    for cut in (40, 130, 260):
+        u = t.copy()
+        later = order.positions[cut:]
+        later = later[t[later] != 1]
+        u[later] = rng.integers(2, V, len(later))
+        other = ng.position_mix_from_spec(spec, u, V, order)
+        before, after = order.positions[:cut], order.positions[cut:]
+        for name in base.side:
+            np.testing.assert_array_equal(other.side[name][before], base.side[name][before], err_msg=name)
+        assert any(not np.array_equal(other.side[n][after], base.side[n][after]) for n in base.side)
+
+
+def test_mixer_in_a_scoring_order_refuses_other_orders():
+    t = _doc_stream()
+    order = _lora_order(t)
+    mixer = ng.NgramMixer(ng.NgramSpec(mode="interp", orders=(1, 2)), t, V, scoring=order)
+    mixer.score(order.positions[:20], np.ones(20))
+    with pytest.raises(ValueError, match="scoring order"):
+        mixer.score(np.sort(order.positions[20:40]), np.ones(20))  # stream order is not this order
+    mixer.score(order.positions[20:40], np.ones(20))
+    with pytest.raises(ValueError, match="scoring order"):
+        mixer.score(order.positions[30:35], np.ones(5))  # rescoring
+    from golfjax.eval.mix import ScoringOrder
+
+    with pytest.raises(ValueError, match="exactly once"):
+        ScoringOrder(np.ones_like(order.positions), order.context_start).check(len(t))

@@ -8,7 +8,9 @@ artifact scorer. `cfg.eval.eval_mode` picks the procedure:
 - sliding: `golfjax.eval.sliding` over the whole stream (the tail that plain
   drops is scored too, and `tokens_scored` says so);
 - ttt: score-first TTT (`golfjax.eval.ttt`) over the same windows;
-- sliding+ngram / ttt+ngram: the same with `golfjax.eval.ngram`'s PositionMix.
+- sliding+ngram / ttt+ngram: the same with `golfjax.eval.ngram`'s PositionMix, built
+  in the order the mode scores the targets (`golfjax.eval.mix.ScoringOrder`): stream
+  order, or per-document LoRA TTT's `lora_scoring_order`.
 
 Bytes: a per-position byte vector is built once by `position_bytes` through
 `golfjax.eval.bpb` (or given: the CaseOps sidecar) and summed at the scored
@@ -27,7 +29,7 @@ from jax.sharding import Mesh
 from golfjax.config import Config
 from golfjax.data.tokenizer import ByteTables
 from golfjax.eval import bpb
-from golfjax.eval.mix import PositionMix
+from golfjax.eval.mix import PositionMix, ScoringOrder
 from golfjax.eval.plain import evaluate_config
 from golfjax.eval.sliding import document_segments, evaluate_windows, flat_segments, make_windows
 
@@ -97,15 +99,16 @@ def load_byte_sidecar(cfg: Config, n_tokens: int) -> np.ndarray | None:
     return caseops.evaluation_bytes(cfg, load_validation_stream(cfg))[:n_tokens]
 
 
-def build_mix(cfg: Config, tokens: np.ndarray) -> PositionMix:
-    """The n-gram PositionMix of `golfjax.eval.ngram` over the stream (its `ngram` config section)."""
+def build_mix(cfg: Config, tokens: np.ndarray, order: ScoringOrder | None = None) -> PositionMix:
+    """The n-gram PositionMix of `golfjax.eval.ngram` over the stream (its `ngram` config section),
+    learning from the targets in stream order or in the given scoring order."""
     try:
         from golfjax.eval import ngram
     except ImportError:
         raise NotImplementedError("not implemented yet: n-gram blending (golfjax.eval.ngram)") from None
     if not hasattr(ngram, "build_position_mix"):
         raise NotImplementedError("not implemented yet: golfjax.eval.ngram.build_position_mix")
-    mix = ngram.build_position_mix(cfg, np.asarray(tokens))
+    mix = ngram.build_position_mix(cfg, np.asarray(tokens), order)
     mix.check(len(tokens))
     return mix
 
@@ -145,6 +148,16 @@ class Evaluator:
         seg = document_segments(tokens, self.bos_id) if e.eval_doc_isolated else flat_segments(len(tokens))
         return make_windows(seg, self.seq_len, min(e.eval_stride, self.seq_len))
 
+    def scoring_order(self, tokens: np.ndarray) -> ScoringOrder | None:
+        """The order this config's mode scores the targets in, when it is not the stream's (None):
+        per-document LoRA TTT (`ttt_lora.lora_scoring_order`)."""
+        e = self.cfg.eval
+        if self.mode.split("+")[0] == "ttt" and e.ttt_variant in ("lora", "phased"):
+            from golfjax.eval.ttt_lora import lora_scoring_order
+
+            return lora_scoring_order(np.asarray(tokens).reshape(-1), self.bos_id, e.ttt_lora_docs, e.ttt_lora_chunk)
+        return None
+
     def evaluate(self, params, tokens: np.ndarray, record: bool = False) -> EvalReport:
         """Score `params` (already on the mesh) on the validation stream `tokens`.
 
@@ -172,10 +185,12 @@ class Evaluator:
         else:
             win = self.windows(tokens)
         seconds["prepare"] = time.perf_counter() - t
-        mix = None
+        mix, order = None, None
+        lora = base == "ttt" and e.ttt_variant in ("lora", "phased")
         if self.mode.endswith("+ngram"):
             t = time.perf_counter()
-            mix = build_mix(self.cfg, tokens)
+            order = self.scoring_order(tokens)
+            mix = build_mix(self.cfg, tokens) if order is None else build_mix(self.cfg, tokens, order)
             seconds["ngram_precompute"] = time.perf_counter() - t
         info = {"stream_targets": stream_targets, "seq_len": self.seq_len, "stride": min(e.eval_stride, self.seq_len),
                 "doc_isolated": e.eval_doc_isolated, "windows": len(win),
@@ -183,13 +198,12 @@ class Evaluator:
         if base in ("sliding", "plain"):
             totals = evaluate_windows(params, self.cfg.model, tokens, pbytes, win, self.mesh, e.eval_batch_windows,
                                       mix=mix, record=record, progress=self.progress, timings=seconds)
-        elif base == "ttt" and e.ttt_variant in ("lora", "phased"):
+        elif lora:
             from golfjax.eval.ttt_lora import evaluate_lora_ttt
 
-            if mix is not None:
-                raise NotImplementedError("not implemented yet: n-gram with LoRA TTT")
             totals = evaluate_lora_ttt(params, self.cfg.model, e, tokens, pbytes, self.mesh, self.seq_len,
-                                       bos_id=self.bos_id, record=record, progress=self.progress, timings=seconds)
+                                       bos_id=self.bos_id, record=record, progress=self.progress, timings=seconds,
+                                       mix=mix, order=order)
             info.update({"ttt_variant": e.ttt_variant, "ttt_phase_docs": e.ttt_phase_docs, "ttt_lora_rank": e.ttt_lora_rank, "ttt_lora_chunk": e.ttt_lora_chunk})
         elif base == "ttt":
             from golfjax.eval.ttt import evaluate_ttt

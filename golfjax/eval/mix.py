@@ -1,10 +1,10 @@
 """The hook through which a causal side model (the n-gram) mixes into evaluation.
 
 A `PositionMix` is computed once per validation stream on the host, from
-prefix-only information, and combined with the network inside the jitted
-scorer at every scored position p (the target tokens[p]). The evaluator
-gathers `query_ids[p]` log-probs of the network and `side[name][p]`, calls
-`combine`, and masks padding afterwards. See /work/coord/INTERFACES.md.
+prefix-only information (the prefix in the evaluator's `ScoringOrder`), and
+combined with the network inside the jitted scorer at every scored position p
+(the target tokens[p]). The evaluator gathers `query_ids[p]` log-probs of the
+network and `side[name][p]`, calls `combine`, and masks padding afterwards. See /work/coord/INTERFACES.md.
 """
 
 from __future__ import annotations
@@ -13,6 +13,33 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class ScoringOrder:
+    """The order in which an evaluator scores the targets, for side models that learn from
+    the scored tokens as they go (the n-gram): entry i is target `positions[i]`, whose side
+    statistics may use only the entries before i, and whose context may read the stream
+    from `context_start[i]` on (its document's BOS when other documents' tokens before it
+    are not scored yet). Stream order (`stream`) is every position 1..N-1 in turn, context
+    from 0: what sliding windows and full-model TTT do."""
+
+    positions: np.ndarray  # int64 (N - 1,): every target position once
+    context_start: np.ndarray  # int64 (N - 1,)
+
+    @staticmethod
+    def stream(n_tokens: int) -> "ScoringOrder":
+        return ScoringOrder(np.arange(1, n_tokens, dtype=np.int64), np.zeros(max(n_tokens - 1, 0), np.int64))
+
+    def check(self, n_tokens: int) -> None:
+        """Every target 1..N-1 exactly once, and each context starts before its target."""
+        pos = np.asarray(self.positions)
+        if pos.shape != (n_tokens - 1,) or np.asarray(self.context_start).shape != pos.shape:
+            raise ValueError(f"a scoring order of {n_tokens} tokens lists {n_tokens - 1} targets, got {pos.shape}")
+        if not np.array_equal(np.sort(pos), np.arange(1, n_tokens)):
+            raise ValueError("a scoring order lists every target position 1..N-1 exactly once")
+        if np.any(self.context_start < 0) or np.any(self.context_start >= pos):
+            raise ValueError("a scoring order's contexts start in [0, position)")
 
 
 @dataclass(frozen=True)

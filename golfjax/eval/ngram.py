@@ -4,6 +4,9 @@ The n-gram model at stream position p is built from the validation tokens
 before p only (the targets already scored when the evaluator scores in stream
 order), and its distribution over the whole vocabulary is normalised by
 construction, so the blend is a legal "prefix-only, normalised" predictor.
+An evaluator that scores out of stream order (per-document LoRA TTT) gives its
+`golfjax.eval.mix.ScoringOrder`: the statistics at p are then those of the
+targets scored before p in that order, with contexts cut at p's document start.
 
 All per-position statistics are computed in one vectorised pass: for every
 order k the context of position p is a 64-bit hash of tokens[p-k:p]; a stable
@@ -173,17 +176,51 @@ def order_counts(tokens: np.ndarray, order: int, with_best: bool = False) -> Ord
     """
     tokens = np.asarray(tokens).astype(np.int64)
     n = len(tokens)
+    out = _empty_counts(n, with_best)
+    if n <= order:
+        return OrderCounts(**out)
+    _check_stream(tokens, n - order)
+    _count_rows(context_hashes(tokens, order), tokens[order:], with_best, out, order)
+    return OrderCounts(**out)
+
+
+def scoring_order_counts(tokens: np.ndarray, order: int, scoring, with_best: bool = False) -> OrderCounts:
+    """`order_counts` when the targets are scored in the order `scoring` (a
+    `golfjax.eval.mix.ScoringOrder`): the counts at position p are those of the targets
+    scored before p, and a context tokens[p-order:p] exists only if it starts at or after
+    p's `context_start` (elsewhere: ctx 0, and p adds to no count of this order). Arrays are
+    indexed by stream position, as order_counts'; in stream order the two are equal."""
+    tokens = np.asarray(tokens).astype(np.int64)
+    n = len(tokens)
+    out = _empty_counts(n, with_best)
+    pos = np.asarray(scoring.positions, np.int64)
+    rows = pos[pos - order >= np.asarray(scoring.context_start, np.int64)]
+    if rows.size == 0:
+        return OrderCounts(**out)
+    _check_stream(tokens, rows.size)
+    _count_rows(context_hashes(tokens, order)[rows - order], tokens[rows], with_best, out, rows)
+    return OrderCounts(**out)
+
+
+def _empty_counts(n: int, with_best: bool) -> dict:
     out = {name: np.zeros(n, np.int64) for name in ("ctx", "joint", "types")}
     out["best"] = np.full(n if with_best else 0, -1, np.int64)  # left empty when not asked for
     out["best_count"] = np.zeros(n if with_best else 0, np.int64)
-    if n <= order:
-        return OrderCounts(**out)
-    m = n - order
-    bits = _index_bits(m)
-    if bits > 40 or int(tokens.min()) < 0 or int(tokens.max()) >= 1 << 16:
+    return out
+
+
+def _check_stream(tokens: np.ndarray, m: int) -> None:
+    if _index_bits(m) > 40 or int(tokens.min()) < 0 or int(tokens.max()) >= 1 << 16:
         raise ValueError("n-gram streams are limited to 2**40 positions and token ids in [0, 2**16)")
-    y = tokens[order:]
-    ctx_hi, c_order = _sort_with_index(context_hashes(tokens, order) >> np.uint64(bits), bits)
+
+
+def _count_rows(hashes: np.ndarray, y: np.ndarray, with_best: bool, out: dict, dest) -> None:
+    """Counts of rows (context hash, target), each counting only the rows before it, written to
+    out[name][dest + row] (dest an int) or out[name][dest[row]] (dest an index array)."""
+    m = len(hashes)
+    bits = _index_bits(m)
+    ctx_hi, c_order = _sort_with_index(hashes >> np.uint64(bits), bits)
+    where = dest + c_order if isinstance(dest, int) else dest[c_order]
     idx = np.arange(m, dtype=_index_dtype(m))
     new_ctx = np.empty(m, dtype=bool)
     new_ctx[0] = True
@@ -204,12 +241,11 @@ def order_counts(tokens: np.ndarray, order: int, with_best: bool = False) -> Ord
     incl = np.cumsum(first, dtype=idx.dtype)
     types_s = incl - first - (incl[c_start] - first[c_start])
     for name, values in (("ctx", idx - c_start), ("joint", joint_s), ("types", types_s)):
-        out[name][order + c_order] = values
+        out[name][where] = values
     if with_best:
         best_s, count_s = _running_best(c_start, joint_s, y_s)
-        out["best"][order + c_order] = best_s
-        out["best_count"][order + c_order] = count_s
-    return OrderCounts(**out)
+        out["best"][where] = best_s
+        out["best_count"][where] = count_s
 
 
 def _running_best(c_start: np.ndarray, joint_s: np.ndarray, y_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,25 +272,33 @@ def _running_best(c_start: np.ndarray, joint_s: np.ndarray, y_s: np.ndarray) -> 
 # ---------------------------------------------------------------- the two n-gram predictors
 
 
-def _counts_per_order(tokens: np.ndarray, orders: tuple[int, ...], with_best: bool) -> list[OrderCounts]:
-    """order_counts for every order, the orders in parallel threads (NumPy's sorts and
-    element-wise passes release the GIL); GOLFJAX_NGRAM_THREADS caps the threads."""
+def _counts_per_order(tokens: np.ndarray, orders: tuple[int, ...], with_best: bool,
+                      scoring=None) -> list[OrderCounts]:
+    """order_counts (or scoring_order_counts) for every order, the orders in parallel threads
+    (NumPy's sorts and element-wise passes release the GIL); GOLFJAX_NGRAM_THREADS caps the threads."""
+    if scoring is None:
+        count = lambda k: order_counts(tokens, k, with_best)
+    else:
+        count = lambda k: scoring_order_counts(tokens, k, scoring, with_best)
     threads = int(os.environ.get("GOLFJAX_NGRAM_THREADS", "0")) or min(len(orders), os.cpu_count() or 1)
     if threads <= 1 or len(orders) == 1:
-        return [order_counts(tokens, k, with_best) for k in orders]
+        return [count(k) for k in orders]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda k: order_counts(tokens, k, with_best), orders))
+        return list(pool.map(count, orders))
 
 
-def witten_bell_target_prob(tokens: np.ndarray, orders: tuple[int, ...], vocab_size: int) -> np.ndarray:
+def witten_bell_target_prob(tokens: np.ndarray, orders: tuple[int, ...], vocab_size: int,
+                            scoring=None) -> np.ndarray:
     """p_ng(tokens[p] | tokens[:p]) for every p (float64), interpolated Witten-Bell over `orders`.
 
     p_k(y) = (c(ctx, y) + T(ctx) * p_{k-1}(y)) / (c(ctx) + T(ctx)), or p_{k-1}(y) when the
     context is unseen; the chain starts from the uniform 1/V, so p_k sums to 1 over the vocab.
+    With a `scoring` order the counts are those of the targets scored before p (see
+    `scoring_order_counts`).
     """
     tokens = np.asarray(tokens)
     p = np.full(len(tokens), 1.0 / vocab_size)
-    for c in _counts_per_order(tokens, orders, with_best=False):
+    for c in _counts_per_order(tokens, orders, False, scoring):
         seen = c.ctx > 0
         denom = np.where(seen, c.ctx + c.types, 1).astype(np.float64)
         p = np.where(seen, (c.joint + c.types * p) / denom, p)
@@ -293,13 +337,14 @@ class Hints:
     beta: np.ndarray
 
 
-def tilt_hints(tokens: np.ndarray, spec: NgramSpec) -> Hints:
-    """A2's hint per position from prefix-only counts: the highest passing order wins."""
+def tilt_hints(tokens: np.ndarray, spec: NgramSpec, scoring=None) -> Hints:
+    """A2's hint per position from prefix-only counts (prefix of the `scoring` order if given):
+    the highest passing order wins."""
     n = len(tokens)
     hint = np.full(n, -1, np.int64)
     conf_won = np.zeros(n)
     per_order = []
-    counts = _counts_per_order(tokens, spec.orders, with_best=True)
+    counts = _counts_per_order(tokens, spec.orders, True, scoring)
     for c, min_conf, min_count in zip(counts, spec.min_confidence, spec.min_count):
         conf = np.where(c.ctx > 0, c.best_count / np.maximum(c.ctx, 1), 0.0)
         ok = (c.ctx >= min_count) & (conf >= min_conf) & (c.best >= 0)
@@ -338,27 +383,35 @@ def tilt_nll(nll_nn: np.ndarray, logp_hint: np.ndarray, beta: np.ndarray, target
 
 
 class NgramMixer:
-    """Blends the network's per-target NLL with the causal n-gram, in stream order.
+    """Blends the network's per-target NLL with the causal n-gram, in stream order (or in a
+    given `golfjax.eval.mix.ScoringOrder`).
 
     Built once over the whole validation stream (every statistic at position p
-    uses tokens before p only); `score` then mixes chunk by chunk and refuses
-    positions that are not strictly after everything scored so far.
+    uses tokens before p only, or the targets scored before p in `scoring`); `score`
+    then mixes chunk by chunk and refuses positions that are not strictly after
+    everything scored so far in that order.
     """
 
-    def __init__(self, spec: NgramSpec, tokens: np.ndarray, vocab_size: int):
+    def __init__(self, spec: NgramSpec, tokens: np.ndarray, vocab_size: int, scoring=None):
         tokens = np.asarray(tokens)
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
             raise ValueError(f"token ids outside [0, {vocab_size}) for the n-gram")
         self.spec = spec
         self.vocab_size = vocab_size
         self.tokens = tokens
-        self.last_scored = 0  # position 0 (the first BOS) is never a target
+        self.scoring = scoring
+        self.last_scored = 0  # rank of the last scored target; position 0 (the first BOS) is never one
+        self._rank = None  # stream order: a position's rank is itself
+        if scoring is not None:
+            scoring.check(len(tokens))
+            self._rank = np.zeros(len(tokens), np.int64)
+            self._rank[np.asarray(scoring.positions, np.int64)] = np.arange(1, len(tokens))
         if spec.mode == "interp":
-            self.p_ng = witten_bell_target_prob(tokens, spec.orders, vocab_size)
+            self.p_ng = witten_bell_target_prob(tokens, spec.orders, vocab_size, scoring)
             self.hints = None
         else:
             self.p_ng = None
-            self.hints = tilt_hints(tokens, spec)
+            self.hints = tilt_hints(tokens, spec, scoring)
 
     @property
     def needs_hint_logprob(self) -> bool:
@@ -379,14 +432,17 @@ class NgramMixer:
             raise ValueError(f"{len(pos)} positions but {len(nll)} NLLs")
         if pos.size == 0:
             return nll
-        if int(pos[0]) <= self.last_scored or (pos.size > 1 and bool(np.any(np.diff(pos) <= 0))):
+        if int(pos.max()) >= len(self.tokens) or int(pos.min()) < 1:
+            raise ValueError(f"positions {int(pos.min())}..{int(pos.max())} outside the stream's targets "
+                             f"1..{len(self.tokens) - 1}")
+        rank = pos if self._rank is None else self._rank[pos]
+        if int(rank[0]) <= self.last_scored or (pos.size > 1 and bool(np.any(np.diff(rank) <= 0))):
+            order = "stream order" if self._rank is None else "the scoring order"
             raise ValueError(
-                "n-gram blending scores targets in stream order, each once: positions must be strictly "
-                f"increasing and after {self.last_scored} (got {int(pos[0])}..{int(pos[-1])})"
+                f"n-gram blending scores targets in {order}, each once: positions must come strictly "
+                f"after each other and after the last one scored (got {int(pos[0])}..{int(pos[-1])})"
             )
-        if int(pos[-1]) >= len(self.tokens):
-            raise ValueError(f"position {int(pos[-1])} is past the stream ({len(self.tokens)} tokens)")
-        self.last_scored = int(pos[-1])
+        self.last_scored = int(rank[-1])
         if self.spec.mode == "interp":
             return interp_nll(nll, self.p_ng[pos], self.spec.lam)
         if logp_hint is None:
@@ -408,9 +464,10 @@ def spec_from_config(ng) -> NgramSpec:
     )
 
 
-def build_mixer(ng, tokens: np.ndarray, vocab_size: int) -> NgramMixer:
-    """The host-side mixer a config's `ngram` section asks for over the validation stream."""
-    return NgramMixer(spec_from_config(ng), tokens, vocab_size)
+def build_mixer(ng, tokens: np.ndarray, vocab_size: int, scoring=None) -> NgramMixer:
+    """The host-side mixer a config's `ngram` section asks for over the validation stream
+    (scored in stream order, or in the `scoring` order)."""
+    return NgramMixer(spec_from_config(ng), tokens, vocab_size, scoring)
 
 
 # ---------------------------------------------------------------- the Evaluator's hook (golfjax.eval.mix)
@@ -446,12 +503,13 @@ class TiltCombine:
         return nll + jnp.log1p(p_hint * jnp.expm1(beta)) - beta * is_hint
 
 
-def position_mix_from_spec(spec: NgramSpec, tokens: np.ndarray, vocab_size: int):
-    """A `golfjax.eval.mix.PositionMix` over the stream: per-position arrays from prefix-only counts."""
+def position_mix_from_spec(spec: NgramSpec, tokens: np.ndarray, vocab_size: int, scoring=None):
+    """A `golfjax.eval.mix.PositionMix` over the stream: per-position arrays from prefix-only counts
+    (the prefix in the `scoring` order if given, else in stream order)."""
     from golfjax.eval.mix import PositionMix
 
     tokens = np.asarray(tokens).reshape(-1)
-    mixer = NgramMixer(spec, tokens, vocab_size)
+    mixer = NgramMixer(spec, tokens, vocab_size, scoring)
     n = len(tokens)
     if spec.mode == "interp":
         side = {"log_p_ng": np.log(mixer.p_ng).astype(np.float32)}
@@ -461,6 +519,7 @@ def position_mix_from_spec(spec: NgramSpec, tokens: np.ndarray, vocab_size: int)
     return PositionMix(np.maximum(hint, 0)[:, None], side, TiltCombine())
 
 
-def build_position_mix(cfg, tokens: np.ndarray):
-    """The Evaluator's n-gram hook (modes "sliding+ngram" / "ttt+ngram"): cfg.ngram over `tokens`."""
-    return position_mix_from_spec(spec_from_config(cfg.ngram), tokens, cfg.model.vocab_size)
+def build_position_mix(cfg, tokens: np.ndarray, scoring=None):
+    """The Evaluator's n-gram hook (modes "sliding+ngram" / "ttt+ngram"): cfg.ngram over `tokens`,
+    scored in stream order or in the evaluator's `scoring` order (LoRA TTT)."""
+    return position_mix_from_spec(spec_from_config(cfg.ngram), tokens, cfg.model.vocab_size, scoring)

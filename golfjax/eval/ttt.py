@@ -126,9 +126,19 @@ def sgd_on_chunk(cfg: ModelConfig, ecfg: EvalConfig, row_sharding, seq_len: int,
     return params, mom
 
 
-@functools.lru_cache(maxsize=4)
+SGD_FIELDS = ("ttt_chunk_tokens", "ttt_seq_len", "ttt_batch_seqs", "ttt_freeze_blocks", "ttt_grad_clip",
+              "ttt_momentum")  # what sgd_on_chunk reads of the EvalConfig
+
+
 def make_global_sgd(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, epochs: int) -> Callable:
-    """Jitted (params, momentum, inputs (C,), targets (C,), lr) -> (params, momentum): one chunk of SGD."""
+    """Jitted (params, momentum, inputs (C,), targets (C,), lr) -> (params, momentum): one chunk of SGD.
+    Compiled once per model and SGD settings (the EvalConfig's other fields do not matter)."""
+    sgd_only = EvalConfig(**{name: getattr(ecfg, name) for name in SGD_FIELDS})
+    return _global_sgd_step(cfg, sgd_only, mesh, seq_len, epochs)
+
+
+@functools.lru_cache(maxsize=4)
+def _global_sgd_step(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, epochs: int) -> Callable:
     rows = sharded_along(mesh, 0, 2)
     fn = lambda params, mom, x, y, lr: sgd_on_chunk(cfg, ecfg, rows, seq_len, (params, mom), x, y, lr, epochs)
     rep = replicated(mesh)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -44,7 +45,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from golfjax.config import EvalConfig, ModelConfig
-from golfjax.eval.sliding import Totals, document_segments
+from golfjax.eval.mix import PositionMix, ScoringOrder
+from golfjax.eval.sliding import Totals, device_mix, document_segments
 from golfjax.model import gpt
 from golfjax.model.layers import MLP, CausalSelfAttention
 from golfjax.parallel import put_replicated, replicated, to_host
@@ -62,6 +64,7 @@ def num_virtual_layers(cfg: ModelConfig) -> int:
     return len(gpt.layer_schedule(cfg, recurrent=True).layers)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one compiled program instead of eager ops per batch
 def init_lora(cfg: ModelConfig, rank: int, docs: int, key: jax.Array) -> dict:
     """{name: {"a": (docs, [virtual layers,] in, r), "b": zeros (docs, [virtual layers,] r, out)}};
     the head has no layer axis."""
@@ -122,21 +125,39 @@ def _nll(logits, y):
     return logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
 
 
-def make_lora_steps(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, steps: int):
+def make_lora_steps(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int, steps: int,
+                    combine: Callable | None = None):
     """Jitted scan of `steps` chunk steps for one batch of documents:
-    (lora, adam, t, params, stream, doc_start, doc_targets, k0) -> (lora, adam, t, nll (S, D, L), pos (S, D, L))."""
+    (lora, adam, t, params, stream, doc_start, doc_targets, k0[, mix arrays])
+    -> (lora, adam, t, score NLL (S, D, L), pos (S, D, L)).
+
+    With a PositionMix `combine` the score is the mixed NLL (the mix arrays gathered at the
+    scored positions); the LoRA still trains on the network's own NLL."""
     scale = ecfg.ttt_lora_alpha / ecfg.ttt_lora_rank if ecfg.ttt_lora_alpha else 1.0
     adamw = (ecfg.ttt_lora_beta1, ecfg.ttt_lora_beta2, ecfg.ttt_lora_wd, ecfg.ttt_lora_lr)
-    return _lora_steps(cfg, mesh, seq_len, steps, ecfg.ttt_lora_chunk, scale, adamw)
+    return _lora_steps(cfg, mesh, seq_len, steps, ecfg.ttt_lora_chunk, scale, adamw, combine)
+
+
+def _score(logits, y, pos, scored, arrays, combine: Callable | None):
+    """The network's NLL of y, or the PositionMix blend of it (arrays gathered at pos, 0 where unscored)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    nll = logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    if combine is None:
+        return nll
+    query_ids, side = arrays
+    at = jnp.where(scored, pos, 0)
+    qlogp = jnp.take_along_axis(logits, query_ids[at], axis=-1) - logz[..., None]
+    return combine(nll, qlogp, {k: v[at] for k, v in side.items()}, y)
 
 
 @functools.lru_cache(maxsize=4)  # keyed by what the compiled steps depend on, not the whole EvalConfig
-def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int, scale: float, adamw: tuple):
+def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int, scale: float, adamw: tuple,
+                combine: Callable | None = None):
     (b1, b2, wd, lr), eps = adamw, 1e-10
     j = jnp.arange(seq_len)
 
     def step(carry, k):
-        lora, m, v, t, params, stream, start, n_tgt = carry
+        lora, m, v, t, params, stream, start, n_tgt, arrays = carry
         n_chunks = -(-n_tgt // cs)
         active = k < n_chunks  # (docs,)
         e = start + jnp.minimum((k + 1) * cs, n_tgt)  # last target position of chunk k
@@ -149,11 +170,14 @@ def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int,
         scored = valid & (pos >= (start + 1 + k * cs)[:, None]) & active[:, None]
 
         def loss(lo):
-            nll = _nll(lora_forward(params, lo, cfg, x, scale), y)
+            logits = lora_forward(params, lo, cfg, x, scale)
+            nll = _nll(logits, y)
             per_doc = jnp.sum(jnp.where(scored, nll, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
-            return jnp.sum(per_doc), nll
+            return jnp.sum(per_doc), (nll, logits)
 
-        (_, nll), g = jax.value_and_grad(loss, has_aux=True)(lora)  # the score: before the update
+        (_, (nll, logits)), g = jax.value_and_grad(loss, has_aux=True)(lora)  # the score: before the update
+        if combine is not None:
+            nll = _score(logits, y, pos, scored, arrays, combine)
         train = active & (k < n_chunks - 1)  # never the document's last chunk
         t = t + train.astype(jnp.int32)
 
@@ -169,10 +193,10 @@ def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int,
             return (jnp.where(tr, p_new, p), jnp.where(tr, m_new, m_), jnp.where(tr, v_new, v_))
 
         lora, m, v = (jax.tree.map(lambda *a, i=i: upd(*a)[i], lora, m, v, g) for i in range(3))
-        return (lora, m, v, t, params, stream, start, n_tgt), (nll, jnp.where(scored, pos, 0))
+        return (lora, m, v, t, params, stream, start, n_tgt, arrays), (nll, jnp.where(scored, pos, 0))
 
-    def run(lora, m, v, t, params, stream, start, n_tgt, k0):
-        carry = (lora, m, v, t, params, stream, start, n_tgt)
+    def run(lora, m, v, t, params, stream, start, n_tgt, k0, arrays=None):
+        carry = (lora, m, v, t, params, stream, start, n_tgt, arrays)
         carry, outs = jax.lax.scan(step, carry, k0 + jnp.arange(steps))
         return carry[:4], outs
 
@@ -186,6 +210,29 @@ def doc_batches(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> list[np
     order = np.argsort(-(seg[:, 1] - seg[:, 0]), kind="stable")
     seg = seg[order]
     return [seg[i : i + docs_per_batch] for i in range(0, len(seg), docs_per_batch)]
+
+
+def lora_scoring_order(tokens: np.ndarray, bos_id: int, docs_per_batch: int, chunk: int) -> ScoringOrder:
+    """The order in which `evaluate_lora_ttt` scores the targets: batch by batch (queue order),
+    within a batch chunk step by chunk step, within a step document by document (batch rows),
+    within a document chunk position by position. Each target's context starts at its document's
+    BOS. Nothing in a score depends on a token later in this order: a document's LoRA sees only its
+    own earlier chunks, the base weights (phases, warm-started A) only earlier batches; so the n-gram
+    may learn from the targets in exactly this order (`golfjax.eval.ngram`, `scoring=`)."""
+    batches = doc_batches(tokens, bos_id, docs_per_batch)
+    if not batches:
+        return ScoringOrder(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    seg = np.concatenate(batches)
+    batch_of = np.repeat(np.arange(len(batches), dtype=np.int64), [len(b) for b in batches])
+    row_of = np.concatenate([np.arange(len(b), dtype=np.int64) for b in batches])
+    n_tgt = seg[:, 1] - seg[:, 0]
+    doc = np.repeat(np.arange(len(seg)), n_tgt)
+    offset = np.arange(int(n_tgt.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_tgt) - n_tgt, n_tgt)
+    k = offset // chunk
+    n_k = int(k.max()) + 1
+    key = (batch_of[doc] * n_k + k) * docs_per_batch + row_of[doc]
+    order = np.argsort(key, kind="stable")  # equal keys keep increasing positions
+    return ScoringOrder((seg[doc, 0] + 1 + offset)[order], seg[doc, 0][order])
 
 
 def phase_training_tokens(tokens: np.ndarray, docs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,14 +271,22 @@ def phase_sgd(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, do
 
 def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.ndarray, position_bytes: np.ndarray,
                       mesh: Mesh, seq_len: int, bos_id: int = 1, record: bool = False, progress: bool = True,
-                      timings: dict | None = None, seed: int = 0) -> Totals:
-    """Score every target once with per-document LoRA TTT; totals in stream units."""
+                      timings: dict | None = None, seed: int = 0, mix: PositionMix | None = None,
+                      order: ScoringOrder | None = None) -> Totals:
+    """Score every target once with per-document LoRA TTT; totals in stream units.
+
+    mix: a PositionMix built in `lora_scoring_order` (given as `order`; required with a mix):
+    the scores are the mixed NLLs, and the targets are checked to be scored in that order."""
     t0 = time.perf_counter()
     D, S = ecfg.ttt_lora_docs, ecfg.ttt_lora_steps_per_call
+    if mix is not None and order is None:
+        raise ValueError("LoRA TTT with a PositionMix needs the ScoringOrder it was built in")
     batches = doc_batches(tokens, bos_id, D)
     pad = seq_len + 2
     stream = put_replicated(np.concatenate([np.asarray(tokens, np.int32), np.zeros(pad, np.int32)]), mesh)
-    run = make_lora_steps(cfg, ecfg, mesh, seq_len, S)
+    arrays, combine = device_mix(mix, mesh)
+    run = make_lora_steps(cfg, ecfg, mesh, seq_len, S, combine)
+    cursor = 0  # entries of `order` scored so far
     key = jax.random.PRNGKey(seed)
     lora = init_lora(cfg, ecfg.ttt_lora_rank, D, key)
     totals = Totals(positions=[] if record else None, nlls=[] if record else None)
@@ -251,11 +306,12 @@ def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.nda
         else:  # warm-start A (TOP): keep A, zero B
             lora = {name: {"a": ab["a"], "b": jnp.zeros_like(ab["b"])} for name, ab in lora.items()}
         zeros = jax.tree.map(jnp.zeros_like, lora)
-        state = (lora, zeros, jax.tree.map(jnp.zeros_like, lora), jnp.zeros(D, jnp.int32))
+        # on the mesh as the step's outputs are: the same input shardings, one compiled program
+        state = put_replicated((lora, zeros, zeros, jnp.zeros(D, jnp.int32)), mesh)
         chunks = int(-(-n_tgt.max() // ecfg.ttt_lora_chunk))
         for k0 in range(0, chunks, S):
             tc = time.perf_counter()
-            state, (nll, pos) = run(*state, params, stream, start, n_tgt, np.int32(k0))
+            state, (nll, pos) = run(*state, params, stream, start, n_tgt, np.int32(k0), arrays)
             if bi == 0 and k0 == 0:
                 jax.block_until_ready(nll)
                 t_compile = time.perf_counter() - tc
@@ -263,6 +319,11 @@ def evaluate_lora_ttt(params, cfg: ModelConfig, ecfg: EvalConfig, tokens: np.nda
             for s in range(nll.shape[0]):  # chunk steps in order; rows are documents
                 scored = pos[s] > 0
                 np.add.at(seen, pos[s][scored], 1)
+                if order is not None:  # rows in order, positions increasing: the documented order
+                    got = pos[s][scored]
+                    if not np.array_equal(got, order.positions[cursor : cursor + got.size]):
+                        raise AssertionError(f"LoRA TTT scored out of its ScoringOrder after {cursor} targets")
+                    cursor += got.size
                 totals.add(nll[s], pos[s], scored, position_bytes)
         lora = state[0]
         scored_docs.extend(seg)
