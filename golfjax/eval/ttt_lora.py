@@ -138,15 +138,11 @@ def make_lora_steps(cfg: ModelConfig, ecfg: EvalConfig, mesh: Mesh, seq_len: int
     return _lora_steps(cfg, mesh, seq_len, steps, ecfg.ttt_lora_chunk, scale, adamw, combine)
 
 
-def _score(logits, y, pos, scored, arrays, combine: Callable | None):
-    """The network's NLL of y, or the PositionMix blend of it (arrays gathered at pos, 0 where unscored)."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    nll = logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    if combine is None:
-        return nll
+def _mixed(logits, nll, y, pos, scored, arrays, combine: Callable):
+    """The PositionMix blend of the network's NLL (mix arrays gathered at pos; row 0 where unscored)."""
     query_ids, side = arrays
     at = jnp.where(scored, pos, 0)
-    qlogp = jnp.take_along_axis(logits, query_ids[at], axis=-1) - logz[..., None]
+    qlogp = jnp.take_along_axis(logits, query_ids[at], axis=-1) - jax.nn.logsumexp(logits, axis=-1)[..., None]
     return combine(nll, qlogp, {k: v[at] for k, v in side.items()}, y)
 
 
@@ -177,7 +173,7 @@ def _lora_steps(cfg: ModelConfig, mesh: Mesh, seq_len: int, steps: int, cs: int,
 
         (_, (nll, logits)), g = jax.value_and_grad(loss, has_aux=True)(lora)  # the score: before the update
         if combine is not None:
-            nll = _score(logits, y, pos, scored, arrays, combine)
+            nll = _mixed(logits, nll, y, pos, scored, arrays, combine)
         train = active & (k < n_chunks - 1)  # never the document's last chunk
         t = t + train.astype(jnp.int32)
 
