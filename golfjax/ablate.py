@@ -1,6 +1,7 @@
 """The ablation runner: train config variants over seeds, compare each to the control.
 
-A *toggle* is `section.field=v0,v1,...`; its first value is the control's. With
+A *toggle* is `section.field=v0,v1,...`; its first value is the control's
+(`''` is the empty string: `model.smear='',v1`). With
 several toggles, mode "each" varies one toggle at a time (every other toggle
 at its first value), mode "grid" runs every combination; either way the first
 variant is the control (every toggle at its first value). Each variant is
@@ -73,21 +74,25 @@ def parse_toggle(text: str) -> Toggle:
         raise AblationError(f"--toggle {text!r}: expected section.field=value1,value2[,...]")
     key, raw = text.split("=", 1)
     key = key.strip()
-    values = tuple(v.strip() for v in raw.split(","))
+    # '' (or "") stands for the empty string, e.g. model.smear='',v1 (off, then on)
+    values = tuple("" if v.strip() in ("''", '""') else v.strip() for v in raw.split(","))
     if "." not in key:
         raise AblationError(f"--toggle {text!r}: expected section.field=... (e.g. model.num_layers=2,3)")
-    if len(values) < 2 or any(not v for v in values):
-        raise AblationError(f"--toggle {text!r}: give at least two non-empty comma-separated values")
+    if len(values) < 2 or any(not v and v0.strip() not in ("''", '""') for v, v0 in zip(values, raw.split(","))):
+        raise AblationError(f"--toggle {text!r}: give at least two non-empty comma-separated values ('' for the empty string)")
     if len(set(values)) != len(values):
         raise AblationError(f"--toggle {text!r}: repeated value")
     return Toggle(key, values)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """"3" means seeds 1, 2, 3; "1,7,42" is an explicit list."""
+    """"3" means seeds 1, 2, 3; "1,7,42" is an explicit list; "2," is the list of seed 2 alone."""
     try:
         if "," in text:
-            seeds = tuple(int(s) for s in text.split(","))
+            parts = text.split(",")
+            if parts[-1].strip() == "" and len(parts) > 1:
+                parts = parts[:-1]  # "2,": a one-seed list
+            seeds = tuple(int(s) for s in parts)
         else:
             n = int(text)
             if n <= 0:

@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--config", required=True, help="config file (configs/NAME.py)")
     parser.add_argument("--toggle", action="append", default=[], metavar="SECTION.FIELD=V0,V1[,...]",
                         help="values to compare; the first is the control's (repeatable)")
-    parser.add_argument("--seeds", default="3", help="a count N (seeds 1..N) or a list 1,2,3 (default 3)")
+    parser.add_argument("--seeds", default="3", help="a count N (seeds 1..N) or a list 1,2,3 (one seed: 2,) (default 3)")
     parser.add_argument("--mode", choices=ablate.MODES, default="each",
                         help="several toggles: one at a time against the control (each) or every combination (grid)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",

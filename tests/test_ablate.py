@@ -21,9 +21,14 @@ def test_parse_toggle_and_seeds():
     for bad in ("warmdown=1,2", "train.warmdown_iters=1200", "train.x=1,,2", "train.x", "a.b=1,1"):
         with pytest.raises(AblationError):
             ablate.parse_toggle(bad)
+    assert ablate.parse_toggle("model.smear='',v1") == ablate.Toggle("model.smear", ("", "v1"))
+    assert ablate.parse_toggle('model.smear=v1,""').values == ("v1", "")
+    assert ablate.make_variants([ablate.parse_toggle("model.smear='',v1")])[1].overrides == ("model.smear=v1",)
+    assert ablate.make_variants([ablate.parse_toggle("model.smear='',v1")])[0].overrides == ("model.smear=",)
     assert ablate.parse_seeds("3") == (1, 2, 3)
     assert ablate.parse_seeds("7,42") == (7, 42)
-    for bad in ("0", "x", "1,1"):
+    assert ablate.parse_seeds("2,") == (2,)
+    for bad in ("0", "x", "1,1", ",", "1,,2"):
         with pytest.raises(AblationError):
             ablate.parse_seeds(bad)
 
