@@ -33,7 +33,9 @@ from golfjax.config import ConfigError, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
-METRICS = ("roundtrip_val_bpb", "final_val_bpb", "roundtrip_val_loss", "final_val_loss")
+# score_*: the configured eval mode's result on the round-trip weights (= roundtrip_* in plain mode).
+METRICS = ("roundtrip_val_bpb", "score_val_bpb", "final_val_bpb", "roundtrip_val_loss", "score_val_loss",
+           "final_val_loss")
 MODES = ("each", "grid")
 _EXACT_LINE = re.compile(r"final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
 

@@ -39,7 +39,8 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a fixed override for every run (repeatable)")
     parser.add_argument("--metric", choices=ablate.METRICS, default="roundtrip_val_bpb",
-                        help="what to compare (default: the int8 round-trip val_bpb, the score)")
+                        help="what to compare (default: the int8 round-trip val_bpb of the plain evaluation; "
+                             "score_val_bpb: the configured eval.eval_mode's BPB on the same weights)")
     parser.add_argument("--out", default=None, help="runs and report directory (default runs/ablate-<time>)")
     parser.add_argument("--rerun", action="store_true", help="train again even when a run has finished")
     parser.add_argument("--cpu-devices", type=int, default=0, metavar="N", help="passed to scripts/train.py")

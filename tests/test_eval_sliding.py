@@ -262,6 +262,10 @@ def test_training_run_ends_with_the_configured_eval_mode(golden_shards, tmp_path
     from golfjax.eval.evaluator import load_validation_stream
     assert mode[0]["tokens_scored"] == len(load_validation_stream(cfg)) - 1 > result.roundtrip.tokens
     assert events[-1]["event"] == "final" and result.artifact_total_bytes > 0
+    # The run's score is the configured mode's, not the plain round trip's.
+    final = events[-1]
+    assert final["score_mode"] == "sliding" and final["score_val_bpb"] == mode[0]["val_bpb"]
+    assert final["score_val_bpb"] != final["roundtrip_val_bpb"] and final["score_eval_seconds"] > 0
 
 
 def test_load_byte_sidecar_uses_caseops_checks_and_cuts_to_the_stream(monkeypatch):

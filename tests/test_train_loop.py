@@ -43,6 +43,8 @@ def test_wallclock_cap_stops_training_and_warmdown_follows_time(golden_shards, t
         assert abs(event["lr_mul"] - expected) <= 0.05 * expected + 1e-3
     assert "final_int8_zlib_roundtrip_exact" in log
     assert [e["event"] for e in events][-1] == "final"
+    # Plain mode: the run's score is the round trip's.
+    assert events[-1]["score_mode"] == "plain" and events[-1]["score_val_bpb"] == events[-1]["roundtrip_val_bpb"]
 
 
 def test_iteration_schedule_logs_reference_lines(golden_shards, tmp_path):

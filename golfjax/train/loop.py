@@ -558,9 +558,13 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
     t_q = time.perf_counter()
     roundtrip = evaluate_config(put_replicated(q_params, ctx.mesh), cfg, ctx.data.val_tokens, ctx.data.tables,
                                 ctx.mesh, ctx.token_nll, byte_sidecar=ctx.val_sidecar)
+    roundtrip_s = time.perf_counter() - t_q
     log.line(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
-             f"eval_time:{1000.0 * (time.perf_counter() - t_q):.0f}ms")
+             f"eval_time:{1000.0 * roundtrip_s:.0f}ms")
     log.line(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
+    # The run's score: the configured evaluation mode's BPB on the round-trip weights.
+    score = {"score_mode": "plain", "score_val_loss": roundtrip.val_loss, "score_val_bpb": roundtrip.val_bpb,
+             "score_eval_seconds": roundtrip_s}
     if cfg.eval.eval_mode != "plain":
         # The configured final evaluation, on the round-trip weights and over the whole
         # validation stream, as scripts/score.py scores the artifact (plain mode truncates).
@@ -571,8 +575,10 @@ def _finish(ctx: _Run, state, progress: Progress, final: EvalResult) -> RunResul
         for text in eval_report.lines():
             log.line(text)
         log.metrics({"event": "final_eval_mode", **eval_report.as_dict()})
+        score = {"score_mode": eval_report.mode, "score_val_loss": eval_report.val_loss,
+                 "score_val_bpb": eval_report.val_bpb, "score_eval_seconds": eval_report.seconds.get("total")}
     log.metrics({"event": "final", "steps": progress.step, "train_time_ms": progress.train_ms,
-                 "artifact_bytes": report.total_bytes,
+                 "artifact_bytes": report.total_bytes, **score,
                  **{f"roundtrip_{k}": v for k, v in roundtrip.as_dict().items()},
                  **{f"final_{k}": v for k, v in final.as_dict().items()}})
     _write_plots(log, run_dir)
