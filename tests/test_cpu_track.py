@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from golfjax.config import EVAL_MODES
 from golfjax.data import prepare
 from golfjax.data.prepare import PrepareError, chunk_paragraphs, split_paragraphs
 
@@ -229,4 +230,8 @@ def test_track_configs():
     assert base.data.data_path == "data/cpu_track"
     assert base.data.tokenizer_path == f"data/cpu_track/{prepare.CPU_TRACK_TOKENIZER_NAME}"
     best, _ = resolve(REPO / "configs/cpu_track/best.py", environ={})
-    assert best.model == base.model and best.export == base.export and best.data == base.data
+    # best.py plays by the same rules: the track's data, budget, shape and training time.
+    assert best.export == base.export and best.data == base.data and best.train == base.train
+    shape = ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "vocab_size")
+    assert [getattr(best.model, f) for f in shape] == [getattr(m, f) for f in shape]
+    assert best.eval.eval_mode in EVAL_MODES
