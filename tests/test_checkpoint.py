@@ -202,13 +202,18 @@ def test_export_script_reports_a_full_disk_in_one_line(cfg, tmp_path, monkeypatc
 
 
 def test_one_signal_asks_for_a_stop_and_a_second_aborts():
-    before = signal.getsignal(signal.SIGINT)
-    with StopSignals() as signals:
-        signal.raise_signal(signal.SIGTERM)
-        assert signals.received == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # the second: handlers restored, Ctrl-C's default action
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own Ctrl-C handler, even where the test runner inherited SIGINT ignored
+    # (a background job of a non-interactive shell).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopSignals() as signals:
+            signal.raise_signal(signal.SIGTERM)
+            assert signals.received == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # the second: handlers restored, Ctrl-C's default action
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_rewinding_metrics_moves_the_records_after_a_checkpoint_aside(tmp_path):

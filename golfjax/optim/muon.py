@@ -120,10 +120,11 @@ def newton_schulz(
     def dot(x: jax.Array, y: jax.Array) -> jax.Array:  # float32 accumulation, not rounded
         return jnp.matmul(pin(x), pin(y), preferred_element_type=f32)
 
-    def gram(x: jax.Array) -> jax.Array:  # x x^T, contracting the last axis of both
-        x = pin(x)
-        return lax.dot_general(x, x, (((x.ndim - 1,), (x.ndim - 1,)), (tuple(range(x.ndim - 2)),) * 2),
-                               preferred_element_type=f32)
+    def gram(x: jax.Array) -> jax.Array:
+        # x @ x^T as a plain matmul: one dot_general contracting the last axis of both
+        # was ~1.1x faster but, on an AMX Xeon, not bit-identical to torch's eager bf16
+        # (1.6% apart after 5 steps on the golden 64x256 input).
+        return dot(x, jnp.swapaxes(x, -1, -2))
 
     def frobenius(x: jax.Array) -> jax.Array:
         return jnp.sqrt(jnp.sum(jnp.square(up(x)), axis=(-2, -1), keepdims=True))
