@@ -6,8 +6,9 @@ several toggles, mode "each" varies one toggle at a time (every other toggle
 at its first value), mode "grid" runs every combination; either way the first
 variant is the control (every toggle at its first value). Each variant is
 trained once per seed (`train.seed=S`) by `scripts/train.py` in a subprocess;
-the metric (default: the int8 round-trip val_bpb, the challenge's score) is
-read from the run's metrics.jsonl "final" event, or else from its
+the metric (default: the int8 round-trip val_bpb of the plain evaluation;
+score_val_bpb is the configured eval mode's) is read from the run's
+metrics.jsonl "final" event, or else (round-trip metrics only) from its
 `final_int8_zlib_roundtrip_exact ... val_bpb:` log line. Runs whose final
 event already exists are reused, so an interrupted ablation resumes. The
 comparison (mean, delta to the control, bootstrap CI, permutation and Welch
