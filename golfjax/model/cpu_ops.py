@@ -39,7 +39,7 @@ ATTENTION_BLOCK = 128  # query positions per block
 # ----------------------------------------------------------------------------- linear
 
 
-def _transposed(x: Array) -> Array:
+def transposed_copy(x: Array) -> Array:
     """x with its last two axes swapped, as a real copy in row-major layout.
 
     A plain transpose feeding a dot is folded into the dot's dimension numbers
@@ -70,7 +70,7 @@ def _linear_bwd(res, dy: Array):
     x, w = res
     dy = _pin(dy.astype(x.dtype))
     dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32)
-    dw = _dot_last_first(_transposed(x.reshape(-1, x.shape[-1])), dy.reshape(-1, dy.shape[-1]))
+    dw = _dot_last_first(transposed_copy(x.reshape(-1, x.shape[-1])), dy.reshape(-1, dy.shape[-1]))
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -119,8 +119,8 @@ def _softcapped_nll_bwd(cap, res, g):
     onehot = y[..., None] == jnp.arange(vocab, dtype=y.dtype)
     dz = (g[..., None] * (p - onehot.astype(F32)) * (1.0 - t * t)).astype(h.dtype)  # d nll / d z
     dh = lax.dot_general(dz, w, (((dz.ndim - 1,), (0,)), ((), ())), preferred_element_type=F32)
-    dw_t = _dot_last_first(_transposed(h.reshape(-1, h.shape[-1])), dz.reshape(-1, vocab))  # (dim, vocab)
-    return dh.astype(h.dtype), _transposed(dw_t).astype(w.dtype), None
+    dw_t = _dot_last_first(transposed_copy(h.reshape(-1, h.shape[-1])), dz.reshape(-1, vocab))  # (dim, vocab)
+    return dh.astype(h.dtype), transposed_copy(dw_t).astype(w.dtype), None
 
 
 _softcapped_nll = jax.custom_vjp(_softcapped_nll_impl, nondiff_argnums=(3,))
@@ -225,7 +225,7 @@ def _attention_bwd(block: int, res, do: Array):
     for start, end in _blocks(seq, block):
         r = slice(start * group, end * group)
         qb, dob, lse_b, delta_b = qs[:, :, r], dor[:, :, r], lse[:, :, r], delta[:, :, r]
-        qb_t, dob_t = _transposed(qb), _transposed(dob)
+        qb_t, dob_t = transposed_copy(qb), transposed_copy(dob)
         past, diag = _block_logits(qb, kh, start, end, group)
 
         def part(logits, k0, k1):
