@@ -80,6 +80,24 @@ def test_cpu_linear_equals_matmul(dtype, tol):
         assert scale(f32(a) - f32(b)) <= tol * scale(f32(b))
 
 
+@pytest.mark.parametrize("s_shape", [(32,), (4, 8)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_channel_scale_equals_the_broadcast_product(dtype, tol, s_shape):
+    """Value, ds (float32, summed over every token) and dh of cpu_ops.channel_scale vs s * h,
+    for a per-channel gain and one spanning two trailing axes (q_gain over heads x head_dim)."""
+    s = 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(0), s_shape)
+    h = jax.random.normal(jax.random.PRNGKey(1), (2, 16, *s_shape)).astype(dtype)
+    g = jax.random.normal(jax.random.PRNGKey(2), h.shape).astype(dtype)
+    f32 = lambda a: a.astype(jnp.float32)
+    y1, back = jax.jit(lambda s, h: jax.vjp(cpu_ops.channel_scale, s, h))(s, h)
+    ds1, dh1 = back(g)
+    y2, back = jax.vjp(lambda s, h: s * f32(h), s, h)
+    ds2, dh2 = back(f32(g))
+    assert y1.dtype == dtype and dh1.dtype == dtype and ds1.dtype == jnp.float32
+    for a, b in ((y1, y2), (ds1, ds2), (dh1, dh2)):
+        np.testing.assert_allclose(f32(a), b, rtol=tol, atol=tol)
+
+
 def test_softcapped_nll_equals_the_plain_head_and_loss():
     h = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 32))
     w = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (64, 32))

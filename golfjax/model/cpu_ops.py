@@ -13,6 +13,8 @@ So here:
 - `linear` (the `dot_general` of every `nn.Dense` on CPU): forward `x @ W` and
   backward `dy @ W^T`, `(x^T) @ dy` with `x^T` materialised, every dot with a
   float32 accumulator and its operands kept in the compute dtype.
+- `channel_scale`: a per-channel gain whose gradient is a ones-vector matmul
+  instead of a reduce-window.
 - `causal_attention`: blocks of query rows against their key prefix (the
   masked upper triangle is never computed), each block split into the keys
   before the block (no mask needed) and the diagonal tile (masked), a softmax
@@ -86,6 +88,36 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
             and lhs.dtype == rhs.dtype:
         return linear(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
+
+
+# ----------------------------------------------------------------------------- per-channel scales
+
+
+@jax.custom_vjp
+def channel_scale(s: Array, h: Array) -> Array:
+    """s (C,) * h (..., C) in h's dtype: the learned per-channel gains of the residual stream
+    (s may span several trailing axes of h: q_gain broadcast to (heads, head_dim)).
+
+    Autodiff's gradient of `s` is a sum of `g * h` over every token, which XLA:CPU
+    runs as a slow reduce-window (16% of a bf16 baseline step, docs/BENCHMARKS.md);
+    here it is a ones-vector matmul with a float32 accumulator."""
+    return s.astype(h.dtype) * h
+
+
+def _channel_scale_fwd(s: Array, h: Array):
+    return channel_scale(s, h), (s, h)
+
+
+def _channel_scale_bwd(res, g: Array):
+    s, h = res
+    g = g.astype(h.dtype)
+    rows = (g * h).reshape(-1, s.size)
+    ones = jnp.ones((1, rows.shape[0]), h.dtype)
+    ds = lax.dot_general(ones, rows, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    return ds.reshape(s.shape).astype(s.dtype), g * s.astype(h.dtype)
+
+
+channel_scale.defvjp(_channel_scale_fwd, _channel_scale_bwd)
 
 
 # ----------------------------------------------------------------------------- head + loss

@@ -22,7 +22,8 @@ import numpy as np
 from golfjax.config import ModelConfig, parse_layer_list
 from golfjax.model import cpu_ops
 from golfjax.model.layers import (GPTJ, GRAM_SUFFIX, GRAMS, LANES, SERIAL, Block, input_gram, kernel_init,
-                                  document_segments, resolve_matmul_impl, rms_norm)
+                                  document_segments, resolve_matmul_impl, rms_norm,
+                                  scale_channels)
 from golfjax.model.naming import is_control_tensor
 
 Array = jax.Array
@@ -377,10 +378,10 @@ def _run_segment(block: Block, blocks: Params, layers: tuple[int, ...], kind: _K
         if "skip" in inp:
             lane = h[0] if isinstance(h, tuple) else h
             if "skip_g" in inp:
-                sk = inp["skip_w"].astype(lane.dtype) * inp["skip"]
+                sk = scale_channels(inp["skip_w"], inp["skip"], block.cfg.matmul_impl)
                 lane = sk + jax.nn.sigmoid(inp["skip_g"]).astype(lane.dtype) * (lane - sk)
             else:
-                lane = lane + inp["skip_w"].astype(lane.dtype) * inp["skip"]
+                lane = lane + scale_channels(inp["skip_w"], inp["skip"], block.cfg.matmul_impl)
             h = (lane, h[1]) if isinstance(h, tuple) else lane
         if per_layer is not None:
             p = per_layer[i]

@@ -89,6 +89,14 @@ def resolve_matmul_impl(name: str) -> str:
     return name
 
 
+def scale_channels(s: Array, h: Array, matmul_impl: str = "xla") -> Array:
+    """s * h (s spans h's trailing axes) in h's dtype; on the CPU path its gradient avoids XLA:CPU's
+    slow reduce."""
+    if resolve_matmul_impl(matmul_impl) == "cpu":
+        return cpu_ops.channel_scale(s, h)
+    return s.astype(h.dtype) * h
+
+
 def dense(features: int, name: str, dtype, zero_init: bool = False, ortho_init: bool = False,
           std: float | None = None, matmul_impl: str = "xla") -> nn.Dense:
     init = kernel_init(zero_init, ortho_init, std)
@@ -236,7 +244,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = rotary_tables(seq, rd, rope_base(c.rope_base, rd, seq, c.rope_train_seq_len))
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         q_gain = self.param("q_gain", nn.initializers.constant(c.qk_gain_init), (c.num_heads,), jnp.float32)
-        q = q * q_gain.astype(q.dtype)[None, None, :, None]
+        q = scale_channels(jnp.broadcast_to(q_gain[:, None], q.shape[2:]), q, c.matmul_impl)
         y = attention_core(q, k, v, self.attention_impl, segments)
         if xsa:
             y = exclusive_self_attention(y, v)
@@ -319,7 +327,7 @@ class Block(nn.Module):
         mix = self.param("resid_mix", lambda k, s: jnp.stack([jnp.ones(s[1]), jnp.zeros(s[1])]), (2, c.model_dim))
         attn_scale = self.param("attn_scale", ones, (c.model_dim,), jnp.float32)
         mlp_scale = self.param("mlp_scale", ones, (c.model_dim,), jnp.float32)
-        mix = mix.astype(x0.dtype)
+        scale = lambda w, h: scale_channels(w, h, c.matmul_impl)
         attn = CausalSelfAttention(c, self.dtype, self.attention_impl, name="attn")
         mlp = MLP(c.model_dim, int(c.mlp_mult * c.model_dim), self.dtype, c.mlp_act, c.ortho_init, c.matmul_impl,
                   name="mlp")
@@ -332,11 +340,11 @@ class Block(nn.Module):
         if mode == LANES:
             lane0, lane1 = x
             r, p = (a.astype(x0.dtype) for a in lane_lambdas)
-            a = attn_scale.astype(x0.dtype) * sub_attn(mix[0] * lane0 + mix[1] * x0)
-            m = mlp_scale.astype(x0.dtype) * mlp(norm(lane1))
+            a = scale(attn_scale, sub_attn(scale(mix[0], lane0) + scale(mix[1], x0)))
+            m = scale(mlp_scale, mlp(norm(lane1)))
             return (r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m)
-        x = mix[0] * x + mix[1] * x0
+        x = scale(mix[0], x) + scale(mix[1], x0)
         if mode == GPTJ:
-            return x + attn_scale.astype(x.dtype) * sub_attn(x) + mlp_scale.astype(x.dtype) * mlp(norm(x))
-        x = x + attn_scale.astype(x.dtype) * sub_attn(x)
-        return x + mlp_scale.astype(x.dtype) * mlp(norm(x))
+            return x + scale(attn_scale, sub_attn(x)) + scale(mlp_scale, mlp(norm(x)))
+        x = x + scale(attn_scale, sub_attn(x))
+        return x + scale(mlp_scale, mlp(norm(x)))
