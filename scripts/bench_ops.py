@@ -1,0 +1,81 @@
+"""Time single XLA ops at the baseline's sizes: is the step's non-matmul work slow per op?
+
+    python scripts/bench_ops.py                 # all cores
+    taskset -c 0 python scripts/bench_ops.py    # one core: what a second thread adds
+
+An elementwise fusion (tanh(x) * y + x) and a float32 -> bfloat16 convert on one
+micro-batch's activations (1,024 x 512) and on 4x that, and matmuls of the model's
+shapes in float32 and bf16 (float32 accumulation): the (1,024 x 512) @ (512 x 1,024)
+projection and Newton-Schulz's stacked (9, 512, 512) product. Each is jitted alone;
+median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
+GFLOP/s for the matmuls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from golfjax.cli import run_main  # noqa: E402  (light: no jax import)
+
+
+def _median_ms(fn, *args, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=31)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    import golfjax  # noqa: F401  (its XLA:CPU defaults, as in training)
+
+    key = jax.random.PRNGKey(0)
+    out: dict[str, float | int | str] = {}
+    for rows in (1024, 4096):
+        x, y = jax.random.normal(key, (rows, 512)), jax.random.normal(jax.random.PRNGKey(1), (rows, 512))
+        out[f"elementwise_{rows}x512_ms"] = round(_median_ms(jax.jit(lambda a, b: jnp.tanh(a) * b + a), x, y,
+                                                             repeats=args.repeats), 3)
+        out[f"convert_bf16_{rows}x512_ms"] = round(_median_ms(jax.jit(lambda a: a.astype(jnp.bfloat16)), x,
+                                                              repeats=args.repeats), 3)
+    shapes = {"proj_1024x512x1024": ((1024, 512), (512, 1024)), "ns_9x512x512x512": ((9, 512, 512), (9, 512, 512))}
+    for name, (sa, sb) in shapes.items():
+        batch = ((0,), (0,)) if len(sa) == 3 else ((), ())
+        dims = (((len(sa) - 1,), (len(sb) - 2,)), batch)
+        flops = 2 * math.prod(sa) * sb[-1]  # (batch x) M x K x N multiply-adds
+        for dtype in (jnp.float32, jnp.bfloat16):
+            a = jax.random.normal(key, sa).astype(dtype)
+            b = jax.random.normal(jax.random.PRNGKey(1), sb).astype(dtype)
+            dot = jax.jit(lambda a, b: lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+            ms = _median_ms(dot, a, b, repeats=args.repeats)
+            out[f"matmul_{name}_{jnp.dtype(dtype).name}_gflops"] = round(flops / ms / 1e6, 1)
+    out["cpus"] = len(os.sched_getaffinity(0))
+    out["backend"] = jax.default_backend()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
