@@ -24,7 +24,7 @@ So here:
   accumulates dK and dV in place. Query heads of one KV
   head are rows of one matrix (GQA without repeating K/V).
 
-Both equal the plain XLA paths to float32 rounding (tests/test_perf_options.py).
+Each equals its plain XLA path to float32 rounding (tests/test_perf_options.py).
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ import numpy as np
 from golfjax.config import ModelConfig, parse_layer_list
 from golfjax.model import cpu_ops
 from golfjax.model.layers import (GPTJ, GRAM_SUFFIX, GRAMS, LANES, SERIAL, Block, input_gram, kernel_init,
-                                  document_segments, resolve_matmul_impl, rms_norm,
-                                  scale_channels)
+                                  document_segments, resolve_matmul_impl, rms_norm, scale_channels)
 from golfjax.model.naming import is_control_tensor
 
 Array = jax.Array
