@@ -178,3 +178,21 @@ def test_compiled_newton_schulz_multiplies_in_bfloat16():
     dtypes = _dot_operand_dtypes(text)
     assert len(dtypes) == 15  # 5 steps x (X X^T, (cA) A, B X)
     assert all(d == ("bf16", "bf16") for d in dtypes), dtypes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's kernel choice")
+@pytest.mark.parametrize("kernel_shape", [(3, 64, 128), (3, 128, 64), (3, 96, 96)])
+@pytest.mark.parametrize("rounding,float32_dots", [("compiled", 0), ("eager", 5)])
+def test_muon_direction_multiplies_in_bfloat16(kernel_shape, rounding, float32_dots):
+    """Muon's direction of a Flax kernel stack (in, out) transposes it to the reference's
+    (out, in) and, when out > in, back again. A transposed *view* gave XLA a column-major
+    layout that reached the dots, and XLA:CPU then ran 10 of the 15 matmuls in float32
+    (2.5-3x slower Newton-Schulz on the baseline's stacks). Only eager X X^T (5 dots,
+    float32 on purpose: torch's eager bits) may read float32."""
+    from golfjax.optim.muon import orthogonalized_direction
+
+    G = jax.random.normal(jax.random.PRNGKey(0), kernel_shape)
+    fn = jax.jit(lambda g: orthogonalized_direction(g, rounding=rounding))
+    dtypes = _dot_operand_dtypes(fn.lower(G).compile().as_text())
+    assert len(dtypes) == 15
+    assert sum(d != ("bf16", "bf16") for d in dtypes) == float32_dots, dtypes

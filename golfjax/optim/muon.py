@@ -155,9 +155,9 @@ def newton_schulz(
         aX = None
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:
-        X = jnp.swapaxes(X, -1, -2)
+        X = transposed_copy(X)
         if aX is not None:
-            aX = jnp.swapaxes(aX, -1, -2)
+            aX = transposed_copy(aX)
     for i in range(steps):
         a, b, c = table[min(i, len(table) - 1)]
         A = rnd(gram(X))
@@ -202,7 +202,7 @@ def orthogonalized_direction(
     if update.ndim < 2:
         raise ValueError(f"Muon needs (..., in, out) kernels, got shape {update.shape}")
     fan_in, fan_out = update.shape[-2], update.shape[-1]
-    ortho = newton_schulz(jnp.swapaxes(update, -1, -2), steps, coeffs, eps, dtype, safety, rounding)
+    ortho = newton_schulz(transposed_copy(update), steps, coeffs, eps, dtype, safety, rounding)
     scale = math.sqrt(max(1.0, fan_out / fan_in))
     scaled = _rounder(jnp.dtype(dtype))(ortho.astype(jnp.float32) * scale)
     return jnp.swapaxes(scaled, -1, -2).astype(update.dtype)
