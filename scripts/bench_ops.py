@@ -6,7 +6,10 @@
 An elementwise fusion (tanh(x) * y + x) and a float32 -> bfloat16 convert on one
 micro-batch's activations (1,024 x 512) and on 4x that, and matmuls of the model's
 shapes in float32 and bf16 (float32 accumulation): the (1,024 x 512) @ (512 x 1,024)
-projection and Newton-Schulz's stacked (9, 512, 512) product. Each is jitted alone;
+projection and Newton-Schulz's stacked (9, 512, 512) product; and Muon's whole
+direction (`orthogonalized_direction`: 5 bf16 Newton-Schulz steps) of each of the
+baseline's six kernel stacks (9 layers of c_q, c_k, c_v, proj, fc, mlp proj, in
+Flax's (in, out) layout) and their sum, in both roundings. Each is jitted alone;
 median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
 GFLOP/s for the matmuls.
 """
@@ -71,6 +74,19 @@ def main() -> int:
             dot = jax.jit(lambda a, b: lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
             ms = _median_ms(dot, a, b, repeats=args.repeats)
             out[f"matmul_{name}_{jnp.dtype(dtype).name}_gflops"] = round(flops / ms / 1e6, 1)
+    from golfjax.optim.muon import orthogonalized_direction
+
+    stacks = {"c_q": (512, 512), "c_k": (512, 256), "c_v": (512, 256), "proj": (512, 512),
+              "fc": (512, 1024), "mlp_proj": (1024, 512)}
+    for rounding in ("eager", "compiled"):
+        total = 0.0
+        for name, (fan_in, fan_out) in stacks.items():
+            g = jax.random.normal(key, (9, fan_in, fan_out))
+            fn = jax.jit(lambda g, r=rounding: orthogonalized_direction(g, rounding=r))
+            ms = _median_ms(fn, g, repeats=max(1, args.repeats // 4))
+            out[f"muon_direction_{rounding}_{name}_ms"] = round(ms, 2)
+            total += ms
+        out[f"muon_direction_{rounding}_all_stacks_ms"] = round(total, 1)
     out["cpus"] = len(os.sched_getaffinity(0))
     out["backend"] = jax.default_backend()
     print(json.dumps(out))
