@@ -9,7 +9,9 @@ shapes in float32 and bf16 (float32 accumulation): the (1,024 x 512) @ (512 x 1,
 projection and Newton-Schulz's stacked (9, 512, 512) product; and Muon's whole
 direction (`orthogonalized_direction`: 5 bf16 Newton-Schulz steps) of each of the
 baseline's six kernel stacks (9 layers of c_q, c_k, c_v, proj, fc, mlp proj, in
-Flax's (in, out) layout) and their sum, in both roundings. Each is jitted alone;
+Flax's (in, out) layout) and their sum, in both roundings; the attention's bf16 tiles
+(64-wide contraction or output) and golfjax's CPU attention forward+backward on one
+baseline layer and sequence. Each is jitted alone;
 median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
 GFLOP/s for the matmuls.
 """
@@ -74,6 +76,22 @@ def main() -> int:
             dot = jax.jit(lambda a, b: lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
             ms = _median_ms(dot, a, b, repeats=args.repeats)
             out[f"matmul_{name}_{jnp.dtype(dtype).name}_gflops"] = round(flops / ms / 1e6, 1)
+    # The attention's tiles (4 KV heads, a 128-position query block of 2 heads per KV head,
+    # the last block's 896 past keys) and the CPU attention itself (one layer, one sequence).
+    tiles = {"attn_qk_4x256x64x896": ((4, 256, 64), (4, 64, 896)), "attn_pv_4x256x896x64": ((4, 256, 896), (4, 896, 64))}
+    for name, (sa, sb) in tiles.items():
+        a = jax.random.normal(key, sa).astype(jnp.bfloat16)
+        b = jax.random.normal(jax.random.PRNGKey(1), sb).astype(jnp.bfloat16)
+        dot = jax.jit(lambda a, b: lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32))
+        out[f"matmul_{name}_bfloat16_gflops"] = round(2 * math.prod(sa) * sb[-1] / _median_ms(dot, a, b, repeats=args.repeats) / 1e6, 1)
+    from golfjax.model.cpu_ops import causal_attention
+
+    ks = jax.random.split(key, 4)
+    q, g = (jax.random.normal(k, (1, 1024, 8, 64)).astype(jnp.bfloat16) for k in ks[:2])
+    k_, v = (jax.random.normal(k, (1, 1024, 4, 64)).astype(jnp.bfloat16) for k in ks[2:])
+    fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
+    out["attention_fwd_bwd_1x1024x8x64_bfloat16_ms"] = round(_median_ms(fwd_bwd, q, k_, v, g, repeats=args.repeats), 2)
+
     from golfjax.optim.muon import orthogonalized_direction
 
     stacks = {"c_q": (512, 512), "c_k": (512, 256), "c_v": (512, 256), "proj": (512, 512),
