@@ -119,9 +119,10 @@ class OptimConfig:
     muon_ns_dtype: str = "bfloat16"
     # Named coefficient table of golfjax.optim.muon.NS_COEFFICIENTS.
     muon_ns_coeffs: str = "standard"
-    # Where bf16 NS rounds (golfjax.optim.muon.newton_schulz): "eager" as eager torch,
-    # "compiled" as the reference's torch.compile'd function (inductor on CPU).
-    muon_ns_rounding: str = "eager"
+    # Where bf16 NS rounds (golfjax.optim.muon.newton_schulz): "compiled" as the function
+    # the reference trains with (its main() wraps it in torch.compile; inductor on CPU), or
+    # "eager" as eager torch, which is how ../shared/golden's training steps were made.
+    muon_ns_rounding: str = "compiled"
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8

@@ -35,6 +35,8 @@ def golden_config() -> Config:
         c, model=GOLDEN_MODEL,
         train=replace(c.train, iterations=5, train_batch_tokens=512, train_seq_len=SEQ, max_wallclock_seconds=0.0),
         eval=replace(c.eval, val_batch_size=65536),
+        # The golden training steps match eager bf16 Newton-Schulz (README, "Faithfulness").
+        optim=replace(c.optim, muon_ns_rounding="eager"),
     )
 
 
