@@ -98,6 +98,8 @@ def main() -> int:
         "devices": ranks,
         "backend": jax.default_backend(),
         "compute_dtype": jnp.dtype(gpt.resolve_compute_dtype(cfg.model.compute_dtype)).name,
+        "attention_impl": gpt.resolve_attention_impl(cfg.model.attention_impl,
+                                                     gpt.resolve_compute_dtype(cfg.model.compute_dtype)),
         "muon_ns_dtype": cfg.optim.muon_ns_dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),

@@ -314,7 +314,9 @@ def _setup(ctx: _Run, resume_step: int | None, discarded: int):
     log.line(f"model_params:{gpt.count_params(params)} groups:" +
              ",".join(f"{g}={labels.count(g)}" for g in sorted(set(labels))))
     compute = jnp.dtype(gpt.resolve_compute_dtype(cfg.model.compute_dtype)).name
-    log.line(f"devices:{ranks} backend:{jax.default_backend()} grad_accum_steps:{grad_accum} compute_dtype:{compute}")
+    attention = gpt.resolve_attention_impl(cfg.model.attention_impl, jnp.dtype(compute))
+    log.line(f"devices:{ranks} backend:{jax.default_backend()} grad_accum_steps:{grad_accum} compute_dtype:{compute} "
+             f"attention:{attention or 'xla'}")
     log.line(f"train_batch_tokens:{t_cfg.train_batch_tokens} train_seq_len:{t_cfg.train_seq_len} "
              f"iterations:{t_cfg.iterations} max_wallclock_seconds:{t_cfg.max_wallclock_seconds:.3f}")
     log.line(f"seed:{t_cfg.seed}")

@@ -1,0 +1,403 @@
+// Causal GQA attention for x86 CPUs with AMX-BF16, as two XLA FFI custom calls.
+//
+// Why: on XLA:CPU the attention of the baseline model is a chain of separate
+// ops over (query rows x keys) tiles too large for the cache, so its softmax
+// passes are memory-bound and its 64-wide dots run far below the machine's
+// bf16 matmul speed (docs/BENCHMARKS.md). Here one call does a whole block of
+// query rows (scores, softmax, value product) while the block stays in L2,
+// with the products on AMX tiles. golfjax/model/amx_attention.py builds this
+// file with the system's C++ compiler on first use and falls back to the XLA
+// path wherever it cannot (no compiler, no AMX, other shapes).
+//
+// Layout (all row-major): q (B, KV, R, D) with R = T * G rows, the G query
+// heads of a KV head interleaved position-major (row r is position r / G),
+// already scaled by 1/sqrt(D); k, v (B, KV, T, D). Arithmetic follows
+// golfjax.model.cpu_ops.causal_attention: float32 scores and softmax, the
+// normalised probabilities rounded to bf16 before the value product, float32
+// accumulation everywhere. The backward recomputes the probabilities from the
+// forward's row max and inverse row sum (bit-identical to the forward's).
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kMaxBlockRows = 64;  // query rows per block: 64, or 32 where the rows are not a multiple of 64
+constexpr int kKeyAlign = 32;   // keys are processed in multiples of this
+
+// ---------------------------------------------------------------- AMX setup
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+bool cpu_has_amx_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+  const bool avx512f = b & (1u << 16), avx512bw = b & (1u << 30);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = a & (1u << 5);
+  return amx_bf16 && amx_tile && avx512f && avx512bw && avx512_bf16;
+}
+
+bool request_amx_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// ---------------------------------------------------------------- products
+
+// C (M x N, float32, row stride ldc) = or += A (M x K, bf16, row stride lda)
+// times B, where B (K x N) is given in AMX's pair layout: element (k, n) at
+// bp[(k / 2) * 2 * ldb + 2 * n + k % 2]. M, N and K multiples of 32.
+void matmul(const bf16* a, int lda, const bf16* bp, int ldb, float* c, int ldc, int m_size, int n_size,
+            int k_size, bool accumulate) {
+  for (int m = 0; m < m_size; m += 32) {
+    for (int n = 0; n < n_size; n += 32) {
+      float* c0 = c + m * ldc + n;
+      float* c1 = c0 + 16 * ldc;
+      if (accumulate) {
+        _tile_loadd(0, c0, ldc * 4);
+        _tile_loadd(1, c0 + 16, ldc * 4);
+        _tile_loadd(2, c1, ldc * 4);
+        _tile_loadd(3, c1 + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int k = 0; k < k_size; k += 32) {
+        _tile_loadd(4, a + m * lda + k, lda * 2);
+        _tile_loadd(5, a + (m + 16) * lda + k, lda * 2);
+        const bf16* b0 = bp + (k / 2) * 2 * ldb + 2 * n;
+        _tile_loadd(6, b0, ldb * 4);
+        _tile_loadd(7, b0 + 32, ldb * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, ldc * 4);
+      _tile_stored(1, c0 + 16, ldc * 4);
+      _tile_stored(2, c1, ldc * 4);
+      _tile_stored(3, c1 + 16, ldc * 4);
+    }
+  }
+}
+
+// x (rows x cols, row stride ld) as the pair layout of x itself (B = x).
+void pack_pairs(const bf16* x, int ld, int rows, int cols, bf16* out) {
+  for (int r = 0; r < rows; r += 2) {
+    const bf16* x0 = x + r * ld;
+    const bf16* x1 = x0 + ld;
+    bf16* o = out + r * cols;
+    for (int c = 0; c < cols; ++c) {
+      o[2 * c] = x0[c];
+      o[2 * c + 1] = x1[c];
+    }
+  }
+}
+
+// x (rows x cols, row stride ld) as the pair layout of x^T (B = x^T, cols x rows):
+// the pairs are adjacent elements of a row of x, so this is a 32-bit transpose.
+void pack_pairs_transposed(const bf16* x, int ld, int rows, int cols, bf16* out) {
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+  uint32_t* o32 = reinterpret_cast<uint32_t*>(out);
+  for (int c = 0; c < cols / 2; ++c)
+    for (int r = 0; r < rows; ++r) o32[c * rows + r] = x32[r * (ld / 2) + c];
+}
+
+// x^T (cols x rows) of x (rows x cols, row stride ld).
+void transpose(const bf16* x, int ld, int rows, int cols, bf16* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) out[c * rows + r] = x[r * ld + c];
+}
+
+// ---------------------------------------------------------------- elementwise
+
+// exp(x) for x <= 0 (and anything not far above): Cephes' range reduction and
+// degree-6 polynomial, 2^n applied by scalef so that underflow goes smoothly to 0.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int remaining) {
+  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
+}
+
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+inline __m512 from_bf16(const bf16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Probabilities of one score row (valid keys [0, n), stored up to `width`):
+// row max, exp, sum, normalise, round to bf16. Returns (max, 1/sum) when asked.
+void softmax_row(const float* s, int n, int width, bf16* p, float* max_out, float* inv_out) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(n - j), s + j));
+  const float m = _mm512_reduce_max_ps(vmax);
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm))));
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int j = 0; j < width; j += 16) {
+    const __mmask16 t = j < n ? tail_mask(n - j) : __mmask16(0);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(_mm512_maskz_mul_ps(t, e, vinv)));
+  }
+  *max_out = m;
+  *inv_out = inv;
+}
+
+// The same probabilities from a known row max and inverse sum (the backward).
+void probabilities_row(const float* s, int n, int width, float m, float inv, bf16* p) {
+  const __m512 vm = _mm512_set1_ps(m), vinv = _mm512_set1_ps(inv);
+  for (int j = 0; j < width; j += 16) {
+    const __mmask16 t = j < n ? tail_mask(n - j) : __mmask16(0);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(_mm512_maskz_mul_ps(t, e, vinv)));
+  }
+}
+
+// Interleave rows r and r + 1 of x (bf16, row stride ld) into the pair layout row r / 2.
+void interleave_row_pair(const bf16* x0, const bf16* x1, int width, bf16* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
+                                      54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int j = 0; j < width; j += 32) {
+    const __m512i a = _mm512_loadu_si512(x0 + j), b = _mm512_loadu_si512(x1 + j);
+    _mm512_storeu_si512(out + 2 * j, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_storeu_si512(out + 2 * j + 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- one (batch, KV head)
+
+struct Shape {
+  int rows, seq, dim;  // R = seq * group, T, D
+  int group() const { return rows / seq; }
+  int block() const { return rows % kMaxBlockRows == 0 ? kMaxBlockRows : 32; }
+  // Keys a block of rows [r0, r0 + block) needs: up to its last position, rounded up.
+  int keys_for(int r0) const { return std::min(seq, round_up((r0 + block() - 1) / group() + 1, kKeyAlign)); }
+};
+
+void forward_unit(const Shape& sh, const bf16* q, const bf16* k, const bf16* v, bf16* o, float* row_max,
+                  float* row_inv) {
+  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
+  std::vector<bf16> kt(T * D), vp(T * D), p(B * T);
+  std::vector<float> s(B * T), acc(B * D);
+  pack_pairs_transposed(k, D, T, D, kt.data());  // B = K^T (D x T)
+  pack_pairs(v, D, T, D, vp.data());             // B = V (T x D)
+  for (int r0 = 0; r0 < sh.rows; r0 += B) {
+    const int keys = sh.keys_for(r0);
+    matmul(q + r0 * D, D, kt.data(), T, s.data(), keys, B, keys, D, false);
+    for (int i = 0; i < B; ++i) {
+      const int r = r0 + i;
+      softmax_row(s.data() + i * keys, r / G + 1, keys, p.data() + i * keys, row_max + r, row_inv + r);
+    }
+    matmul(p.data(), keys, vp.data(), D, acc.data(), D, B, D, keys, false);
+    for (int i = 0; i < B * D; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r0 * D + i), to_bf16(_mm512_loadu_ps(acc.data() + i)));
+  }
+}
+
+void backward_unit(const Shape& sh, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout,
+                   const float* row_max, const float* row_inv, float* dq, float* dkt, float* dvt) {
+  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
+  std::vector<bf16> kt(T * D), vt(T * D), kp(T * D);
+  std::vector<bf16> p(B * T), ds(B * T), p_pairs(B * T), ds_pairs(B * T), qt(D * B), dot_(D * B);
+  std::vector<float> s(B * T), dp(B * T);
+  pack_pairs_transposed(k, D, T, D, kt.data());  // B = K^T, for the scores
+  pack_pairs_transposed(v, D, T, D, vt.data());  // B = V^T, for dP = dO V^T
+  pack_pairs(k, D, T, D, kp.data());             // B = K, for dQ = dS K
+  std::memset(dkt, 0, sizeof(float) * D * T);
+  std::memset(dvt, 0, sizeof(float) * D * T);
+  for (int r0 = 0; r0 < sh.rows; r0 += B) {
+    const int keys = sh.keys_for(r0);
+    const bf16* qb = q + r0 * D;
+    const bf16* dob = dout + r0 * D;
+    matmul(qb, D, kt.data(), T, s.data(), keys, B, keys, D, false);
+    matmul(dob, D, vt.data(), T, dp.data(), keys, B, keys, D, false);
+    for (int i = 0; i < B; ++i) {
+      const int r = r0 + i, n = r / G + 1;
+      bf16* pi = p.data() + i * keys;
+      probabilities_row(s.data() + i * keys, n, keys, row_max[r], row_inv[r], pi);
+      // delta = dO . O of this row, in float32
+      __m512 vd = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16)
+        vd = _mm512_fmadd_ps(from_bf16(dob + i * D + d, 0xFFFF), from_bf16(o + r * D + d, 0xFFFF), vd);
+      const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(vd));
+      const float* dpi = dp.data() + i * keys;
+      bf16* dsi = ds.data() + i * keys;
+      for (int j = 0; j < keys; j += 16) {
+        const __m512 g = _mm512_mul_ps(from_bf16(pi + j, 0xFFFF), _mm512_sub_ps(_mm512_loadu_ps(dpi + j), delta));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsi + j), to_bf16(g));
+      }
+    }
+    for (int i = 0; i < B; i += 2) {
+      interleave_row_pair(p.data() + i * keys, p.data() + (i + 1) * keys, keys, p_pairs.data() + i * keys);
+      interleave_row_pair(ds.data() + i * keys, ds.data() + (i + 1) * keys, keys, ds_pairs.data() + i * keys);
+    }
+    matmul(ds.data(), keys, kp.data(), D, dq + r0 * D, D, B, D, keys, false);  // dQ = dS K
+    transpose(qb, D, B, D, qt.data());
+    transpose(dob, D, B, D, dot_.data());
+    matmul(qt.data(), B, ds_pairs.data(), keys, dkt, T, D, keys, B, true);   // dK^T += Q^T dS
+    matmul(dot_.data(), B, p_pairs.data(), keys, dvt, T, D, keys, B, true);  // dV^T += dO^T P
+  }
+}
+
+// ---------------------------------------------------------------- parallel over units
+
+template <typename F>
+void for_each_unit(int units, F&& body) {
+  const int workers = std::max(1, std::min<int>(units, std::thread::hardware_concurrency()));
+  std::atomic<int> next{0};
+  auto run = [&]() {
+    configure_tiles();
+    for (int u = next.fetch_add(1); u < units; u = next.fetch_add(1)) body(u);
+    _tile_release();
+  };
+  std::vector<std::thread> threads;
+  for (int w = 1; w < workers; ++w) threads.emplace_back(run);
+  run();
+  for (auto& t : threads) t.join();
+}
+
+Shape shape_of(ffi::AnyBuffer q, ffi::AnyBuffer k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{int(qd[2]), int(kd[2]), int(qd[3])};
+}
+
+ffi::Error check(ffi::AnyBuffer q, ffi::AnyBuffer k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("amx attention: rank-4 inputs expected");
+  const Shape sh = shape_of(q, k);
+  if (sh.dim % 32 || sh.seq % kKeyAlign || sh.rows % sh.seq)
+    return ffi::Error::InvalidArgument("amx attention: head_dim and seq must be multiples of 32");
+  return ffi::Error::Success();
+}
+
+ffi::Error forward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
+                        ffi::Result<ffi::AnyBuffer> row_max, ffi::Result<ffi::AnyBuffer> row_inv) {
+  if (auto e = check(q, k); e.failure()) return e;
+  const Shape sh = shape_of(q, k);
+  auto qd = q.dimensions();
+  const int units = int(qd[0] * qd[1]);
+  const size_t qn = size_t(sh.rows) * sh.dim, kn = size_t(sh.seq) * sh.dim;
+  auto* qp = static_cast<const bf16*>(q.untyped_data());
+  auto* kp = static_cast<const bf16*>(k.untyped_data());
+  auto* vp = static_cast<const bf16*>(v.untyped_data());
+  auto* op = static_cast<bf16*>(o->untyped_data());
+  auto* mp = static_cast<float*>(row_max->untyped_data());
+  auto* ip = static_cast<float*>(row_inv->untyped_data());
+  for_each_unit(units, [&](int u) {
+    forward_unit(sh, qp + u * qn, kp + u * kn, vp + u * kn, op + u * qn, mp + size_t(u) * sh.rows,
+                 ip + size_t(u) * sh.rows);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error backward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer dout,
+                         ffi::AnyBuffer row_max, ffi::AnyBuffer row_inv, ffi::Result<ffi::AnyBuffer> dq,
+                         ffi::Result<ffi::AnyBuffer> dkt, ffi::Result<ffi::AnyBuffer> dvt) {
+  if (auto e = check(q, k); e.failure()) return e;
+  const Shape sh = shape_of(q, k);
+  auto qd = q.dimensions();
+  const int units = int(qd[0] * qd[1]);
+  const size_t qn = size_t(sh.rows) * sh.dim, kn = size_t(sh.seq) * sh.dim;
+  auto* qp = static_cast<const bf16*>(q.untyped_data());
+  auto* kp = static_cast<const bf16*>(k.untyped_data());
+  auto* vp = static_cast<const bf16*>(v.untyped_data());
+  auto* op = static_cast<const bf16*>(o.untyped_data());
+  auto* dop = static_cast<const bf16*>(dout.untyped_data());
+  auto* mp = static_cast<const float*>(row_max.untyped_data());
+  auto* ip = static_cast<const float*>(row_inv.untyped_data());
+  auto* dqp = static_cast<float*>(dq->untyped_data());
+  auto* dkp = static_cast<float*>(dkt->untyped_data());
+  auto* dvp = static_cast<float*>(dvt->untyped_data());
+  for_each_unit(units, [&](int u) {
+    backward_unit(sh, qp + u * qn, kp + u * kn, vp + u * kn, op + u * qn, dop + u * qn, mp + size_t(u) * sh.rows,
+                  ip + size_t(u) * sh.rows, dqp + u * qn, dkp + u * kn, dvp + u * kn);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int golfjax_amx_available() { return cpu_has_amx_bf16() && request_amx_permission() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_fwd, forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_bwd, backward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
