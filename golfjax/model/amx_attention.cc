@@ -178,8 +178,8 @@ inline __m512 from_bf16(const bf16* p, __mmask16 m) {
 }
 
 // Probabilities of one score row (valid keys [0, n), stored up to `width`):
-// row max, exp, sum, normalise, round to bf16. Returns (max, 1/sum) when asked.
-void softmax_row(const float* s, int n, int width, bf16* p, float* max_out, float* inv_out) {
+// row max, exp (kept in s), sum, normalise, round to bf16; also (max, 1/sum).
+void softmax_row(float* s, int n, int width, bf16* p, float* max_out, float* inv_out) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int j = 0; j < n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(n - j), s + j));
   const float m = _mm512_reduce_max_ps(vmax);
@@ -187,14 +187,15 @@ void softmax_row(const float* s, int n, int width, bf16* p, float* max_out, floa
   __m512 vsum = _mm512_setzero_ps();
   for (int j = 0; j < n; j += 16) {
     const __mmask16 t = tail_mask(n - j);
-    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm))));
+    const __m512 e = _mm512_maskz_mov_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm)));
+    _mm512_mask_storeu_ps(s + j, t, e);
+    vsum = _mm512_add_ps(vsum, e);
   }
   const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
   const __m512 vinv = _mm512_set1_ps(inv);
   for (int j = 0; j < width; j += 16) {
     const __mmask16 t = j < n ? tail_mask(n - j) : __mmask16(0);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(_mm512_maskz_mul_ps(t, e, vinv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(_mm512_maskz_mul_ps(t, _mm512_maskz_loadu_ps(t, s + j), vinv)));
   }
   *max_out = m;
   *inv_out = inv;
