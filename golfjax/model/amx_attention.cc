@@ -228,151 +228,235 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------- one (batch, KV head)
 
+// The arrays in the model's layout: q, o, dq (B, T, H, D); k, v, dk, dv (B, T, KV, D);
+// the row statistics (B, KV, R) with R = T * G rows per KV head, position-major: row r
+// is query head kv * G + r % G at position r / G (GQA without repeating K and V).
 struct Shape {
-  int rows, seq, dim;  // R = seq * group, T, D
-  int group() const { return rows / seq; }
-  int block() const { return rows % kMaxBlockRows == 0 ? kMaxBlockRows : 32; }
+  int batch, seq, heads, kv_heads, dim;
+  int group() const { return heads / kv_heads; }
+  int rows() const { return seq * group(); }
+  int block() const { return rows() % kMaxBlockRows == 0 ? kMaxBlockRows : 32; }
   // Keys a block of rows [r0, r0 + block) needs: up to its last position, rounded up.
   int keys_for(int r0) const { return std::min(seq, round_up((r0 + block() - 1) / group() + 1, kKeyAlign)); }
+  float scale() const { return float(1.0 / std::sqrt(double(dim))); }
 };
 
-void forward_unit(const Shape& sh, const bf16* q, const bf16* k, const bf16* v, bf16* o, float* row_max,
-                  float* row_inv) {
-  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
-  std::vector<bf16> kt(T * D), vp(T * D), p(B * T);
-  std::vector<float> s(B * T), acc(B * D);
-  pack_pairs_transposed(k, D, T, D, kt.data());  // B = K^T (D x T)
-  pack_pairs(v, D, T, D, vp.data());             // B = V (T x D)
-  for (int r0 = 0; r0 < sh.rows; r0 += B) {
-    const int keys = sh.keys_for(r0);
-    matmul(q + r0 * D, D, kt.data(), T, s.data(), keys, B, keys, D, false);
-    for (int i = 0; i < B; ++i) {
-      const int r = r0 + i;
-      softmax_row(s.data() + i * keys, r / G + 1, keys, p.data() + i * keys, row_max + r, row_inv + r);
+struct Unit {  // one (batch, KV head): where its rows and keys live
+  const Shape& sh;
+  int b, kv;
+  size_t row_offset(int r) const {
+    const int g = sh.group();
+    return ((size_t(b) * sh.seq + r / g) * sh.heads + size_t(kv) * g + r % g) * sh.dim;
+  }
+  size_t key_offset() const { return (size_t(b) * sh.seq * sh.kv_heads + kv) * sh.dim; }
+  int key_stride() const { return sh.kv_heads * sh.dim; }
+  size_t stat_offset() const { return (size_t(b) * sh.kv_heads + kv) * sh.rows(); }
+};
+
+// Rows [r0, r0 + n) of a (B, T, H, D) array as a contiguous (n x D) block, times `scale`
+// in float32 and rounded back to bf16 when scale != 1 (as the XLA path scales q).
+void gather_rows(const Unit& u, const bf16* x, int r0, int n, float scale, bf16* out) {
+  const int D = u.sh.dim;
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; ++i) {
+    const bf16* src = x + u.row_offset(r0 + i);
+    bf16* dst = out + i * D;
+    if (scale == 1.0f) {
+      std::memcpy(dst, src, sizeof(bf16) * D);
+    } else {
+      for (int d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_mul_ps(from_bf16(src + d, 0xFFFF), vs)));
     }
-    matmul(p.data(), keys, vp.data(), D, acc.data(), D, B, D, keys, false);
-    for (int i = 0; i < B * D; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r0 * D + i), to_bf16(_mm512_loadu_ps(acc.data() + i)));
   }
 }
 
-void backward_unit(const Shape& sh, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout,
-                   const float* row_max, const float* row_inv, float* dq, float* dkt, float* dvt) {
+// Rows [r0, r0 + n) of a float32 (n x D) block, times `scale`, into a (B, T, H, D) bf16 array.
+void scatter_rows(const Unit& u, const float* x, int r0, int n, float scale, bf16* out) {
+  const int D = u.sh.dim;
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; ++i) {
+    bf16* dst = out + u.row_offset(r0 + i);
+    for (int d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(x + i * D + d), vs)));
+  }
+}
+
+// A float32 (D x T) accumulator, transposed and rounded, into a (B, T, KV, D) bf16 array.
+void scatter_keys_transposed(const Unit& u, const float* xt, bf16* out) {
+  const int T = u.sh.seq, D = u.sh.dim;
+  bf16* base = out + u.key_offset();
+  alignas(64) float row[512];
+  for (int t = 0; t < T; ++t) {
+    for (int d = 0; d < D; ++d) row[d] = xt[size_t(d) * T + t];
+    bf16* dst = base + size_t(t) * u.key_stride();
+    for (int d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_load_ps(row + d)));
+  }
+}
+
+// Per-thread scratch, kept between calls (XLA's pool threads persist): fresh 100+ KB
+// vectors per call would each be a new mmap, zeroed page by page.
+struct Workspace {
+  std::vector<bf16> kt, vt, kp, qb, dob, ob, p, ds, p_pairs, ds_pairs, qt, dot;
+  std::vector<float> s, dp, acc, dkt, dvt;
+};
+
+Workspace& workspace() {
+  static thread_local Workspace ws;
+  return ws;
+}
+
+template <typename T>
+T* sized(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+void forward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, bf16* o, float* row_max,
+                  float* row_inv) {
+  const Shape& sh = u.sh;
   const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
-  std::vector<bf16> kt(T * D), vt(T * D), kp(T * D);
-  std::vector<bf16> p(B * T), ds(B * T), p_pairs(B * T), ds_pairs(B * T), qt(D * B), dot_(D * B);
-  std::vector<float> s(B * T), dp(B * T);
-  pack_pairs_transposed(k, D, T, D, kt.data());  // B = K^T, for the scores
-  pack_pairs_transposed(v, D, T, D, vt.data());  // B = V^T, for dP = dO V^T
-  pack_pairs(k, D, T, D, kp.data());             // B = K, for dQ = dS K
-  std::memset(dkt, 0, sizeof(float) * D * T);
-  std::memset(dvt, 0, sizeof(float) * D * T);
-  for (int r0 = 0; r0 < sh.rows; r0 += B) {
+  Workspace& ws = workspace();
+  bf16 *kt = sized(ws.kt, T * D), *vp = sized(ws.kp, T * D), *qb = sized(ws.qb, B * D), *p = sized(ws.p, B * T);
+  float *s = sized(ws.s, B * T), *acc = sized(ws.acc, B * D);
+  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt);  // B = K^T (D x T)
+  pack_pairs(v + u.key_offset(), u.key_stride(), T, D, vp);             // B = V (T x D)
+  row_max += u.stat_offset();
+  row_inv += u.stat_offset();
+  for (int r0 = 0; r0 < sh.rows(); r0 += B) {
     const int keys = sh.keys_for(r0);
-    const bf16* qb = q + r0 * D;
-    const bf16* dob = dout + r0 * D;
-    matmul(qb, D, kt.data(), T, s.data(), keys, B, keys, D, false);
-    matmul(dob, D, vt.data(), T, dp.data(), keys, B, keys, D, false);
+    gather_rows(u, q, r0, B, sh.scale(), qb);
+    matmul(qb, D, kt, T, s, keys, B, keys, D, false);
+    for (int i = 0; i < B; ++i) {
+      const int r = r0 + i;
+      softmax_row(s + i * keys, r / G + 1, keys, p + i * keys, row_max + r, row_inv + r);
+    }
+    matmul(p, keys, vp, D, acc, D, B, D, keys, false);
+    scatter_rows(u, acc, r0, B, 1.0f, o);
+  }
+}
+
+void backward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout,
+                   const float* row_max, const float* row_inv, bf16* dq, bf16* dk, bf16* dv) {
+  const Shape& sh = u.sh;
+  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
+  Workspace& ws = workspace();
+  bf16 *kt = sized(ws.kt, T * D), *vt = sized(ws.vt, T * D), *kp = sized(ws.kp, T * D);
+  bf16 *qb = sized(ws.qb, B * D), *dob = sized(ws.dob, B * D), *ob = sized(ws.ob, B * D);
+  bf16 *p = sized(ws.p, B * T), *ds = sized(ws.ds, B * T), *p_pairs = sized(ws.p_pairs, B * T);
+  bf16 *ds_pairs = sized(ws.ds_pairs, B * T), *qt = sized(ws.qt, D * B), *dot_ = sized(ws.dot, D * B);
+  float *s = sized(ws.s, B * T), *dp = sized(ws.dp, B * T), *dqb = sized(ws.acc, B * D);
+  float *dkt = sized(ws.dkt, size_t(D) * T), *dvt = sized(ws.dvt, size_t(D) * T);
+  std::fill(dkt, dkt + size_t(D) * T, 0.0f);
+  std::fill(dvt, dvt + size_t(D) * T, 0.0f);
+  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt);  // B = K^T, for the scores
+  pack_pairs_transposed(v + u.key_offset(), u.key_stride(), T, D, vt);  // B = V^T, for dP = dO V^T
+  pack_pairs(k + u.key_offset(), u.key_stride(), T, D, kp);             // B = K, for dQ = dS K
+  row_max += u.stat_offset();
+  row_inv += u.stat_offset();
+  for (int r0 = 0; r0 < sh.rows(); r0 += B) {
+    const int keys = sh.keys_for(r0);
+    gather_rows(u, q, r0, B, sh.scale(), qb);
+    gather_rows(u, dout, r0, B, 1.0f, dob);
+    gather_rows(u, o, r0, B, 1.0f, ob);
+    matmul(qb, D, kt, T, s, keys, B, keys, D, false);
+    matmul(dob, D, vt, T, dp, keys, B, keys, D, false);
     for (int i = 0; i < B; ++i) {
       const int r = r0 + i, n = r / G + 1;
-      bf16* pi = p.data() + i * keys;
-      probabilities_row(s.data() + i * keys, n, keys, row_max[r], row_inv[r], pi);
+      bf16* pi = p + i * keys;
+      probabilities_row(s + i * keys, n, keys, row_max[r], row_inv[r], pi);
       // delta = dO . O of this row, in float32
       __m512 vd = _mm512_setzero_ps();
       for (int d = 0; d < D; d += 16)
-        vd = _mm512_fmadd_ps(from_bf16(dob + i * D + d, 0xFFFF), from_bf16(o + r * D + d, 0xFFFF), vd);
+        vd = _mm512_fmadd_ps(from_bf16(dob + i * D + d, 0xFFFF), from_bf16(ob + i * D + d, 0xFFFF), vd);
       const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(vd));
-      const float* dpi = dp.data() + i * keys;
-      bf16* dsi = ds.data() + i * keys;
+      const float* dpi = dp + i * keys;
+      bf16* dsi = ds + i * keys;
       for (int j = 0; j < keys; j += 16) {
         const __m512 g = _mm512_mul_ps(from_bf16(pi + j, 0xFFFF), _mm512_sub_ps(_mm512_loadu_ps(dpi + j), delta));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsi + j), to_bf16(g));
       }
     }
     for (int i = 0; i < B; i += 2) {
-      interleave_row_pair(p.data() + i * keys, p.data() + (i + 1) * keys, keys, p_pairs.data() + i * keys);
-      interleave_row_pair(ds.data() + i * keys, ds.data() + (i + 1) * keys, keys, ds_pairs.data() + i * keys);
+      interleave_row_pair(p + i * keys, p + (i + 1) * keys, keys, p_pairs + i * keys);
+      interleave_row_pair(ds + i * keys, ds + (i + 1) * keys, keys, ds_pairs + i * keys);
     }
-    matmul(ds.data(), keys, kp.data(), D, dq + r0 * D, D, B, D, keys, false);  // dQ = dS K
-    transpose(qb, D, B, D, qt.data());
-    transpose(dob, D, B, D, dot_.data());
-    matmul(qt.data(), B, ds_pairs.data(), keys, dkt, T, D, keys, B, true);   // dK^T += Q^T dS
-    matmul(dot_.data(), B, p_pairs.data(), keys, dvt, T, D, keys, B, true);  // dV^T += dO^T P
+    matmul(ds, keys, kp, D, dqb, D, B, D, keys, false);  // dQ = dS K
+    scatter_rows(u, dqb, r0, B, sh.scale(), dq);
+    transpose(qb, D, B, D, qt);
+    transpose(dob, D, B, D, dot_);
+    matmul(qt, B, ds_pairs, keys, dkt, T, D, keys, B, true);   // dK^T += Q^T dS
+    matmul(dot_, B, p_pairs, keys, dvt, T, D, keys, B, true);  // dV^T += dO^T P
   }
+  scatter_keys_transposed(u, dkt, dk);
+  scatter_keys_transposed(u, dvt, dv);
 }
 
 // ---------------------------------------------------------------- parallel over units
 
+// body(u) for every unit, on the calling thread and on XLA's CPU thread pool. The caller
+// never waits for a helper task to start (the pool may be busy, even with our caller):
+// it claims units itself and waits only for units a running helper has claimed.
 template <typename F>
-void for_each_unit(int units, F&& body) {
-  const int workers = std::max(1, std::min<int>(units, std::thread::hardware_concurrency()));
-  std::atomic<int> next{0};
-  auto run = [&]() {
+void for_each_unit(ffi::ThreadPool& pool, int units, F body) {
+  struct Progress {
+    std::atomic<int> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, units, body]() {
+    if (progress->next.load() >= units) return;
     configure_tiles();
-    for (int u = next.fetch_add(1); u < units; u = next.fetch_add(1)) body(u);
+    for (int u = progress->next.fetch_add(1); u < units; u = progress->next.fetch_add(1)) {
+      body(u);
+      progress->done.fetch_add(1);
+    }
     _tile_release();
   };
-  std::vector<std::thread> threads;
-  for (int w = 1; w < workers; ++w) threads.emplace_back(run);
-  run();
-  for (auto& t : threads) t.join();
+  const int64_t helpers = std::min<int64_t>(units, pool.num_threads()) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (progress->done.load() < units) std::this_thread::yield();
 }
 
-Shape shape_of(ffi::AnyBuffer q, ffi::AnyBuffer k) {
+ffi::ErrorOr<Shape> shape_of(ffi::AnyBuffer q, ffi::AnyBuffer k) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  return Shape{int(qd[2]), int(kd[2]), int(qd[3])};
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3])
+    return ffi::Unexpected(ffi::Error::InvalidArgument("amx attention: q (B, T, H, D) and k, v (B, T, KV, D) expected"));
+  const Shape sh{int(qd[0]), int(qd[1]), int(qd[2]), int(kd[2]), int(qd[3])};
+  if (sh.heads % sh.kv_heads || sh.dim % 32 || sh.dim > 512 || sh.seq % kKeyAlign)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "amx attention: heads must be a multiple of kv_heads, head_dim a multiple of 32 up to 512, seq of 32"));
+  return sh;
 }
 
-ffi::Error check(ffi::AnyBuffer q, ffi::AnyBuffer k) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("amx attention: rank-4 inputs expected");
-  const Shape sh = shape_of(q, k);
-  if (sh.dim % 32 || sh.seq % kKeyAlign || sh.rows % sh.seq)
-    return ffi::Error::InvalidArgument("amx attention: head_dim and seq must be multiples of 32");
-  return ffi::Error::Success();
-}
+template <typename T>
+T* data(ffi::AnyBuffer x) { return static_cast<T*>(x.untyped_data()); }
+template <typename T>
+T* data(ffi::Result<ffi::AnyBuffer>& x) { return static_cast<T*>(x->untyped_data()); }
 
-ffi::Error forward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
+ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
                         ffi::Result<ffi::AnyBuffer> row_max, ffi::Result<ffi::AnyBuffer> row_inv) {
-  if (auto e = check(q, k); e.failure()) return e;
-  const Shape sh = shape_of(q, k);
-  auto qd = q.dimensions();
-  const int units = int(qd[0] * qd[1]);
-  const size_t qn = size_t(sh.rows) * sh.dim, kn = size_t(sh.seq) * sh.dim;
-  auto* qp = static_cast<const bf16*>(q.untyped_data());
-  auto* kp = static_cast<const bf16*>(k.untyped_data());
-  auto* vp = static_cast<const bf16*>(v.untyped_data());
-  auto* op = static_cast<bf16*>(o->untyped_data());
-  auto* mp = static_cast<float*>(row_max->untyped_data());
-  auto* ip = static_cast<float*>(row_inv->untyped_data());
-  for_each_unit(units, [&](int u) {
-    forward_unit(sh, qp + u * qn, kp + u * kn, vp + u * kn, op + u * qn, mp + size_t(u) * sh.rows,
-                 ip + size_t(u) * sh.rows);
+  auto sh = shape_of(q, k);
+  if (sh.has_error()) return sh.error();
+  for_each_unit(pool, sh->batch * sh->kv_heads, [&](int i) {
+    forward_unit(Unit{*sh, i / sh->kv_heads, i % sh->kv_heads}, data<const bf16>(q), data<const bf16>(k),
+                 data<const bf16>(v), data<bf16>(o), data<float>(row_max), data<float>(row_inv));
   });
   return ffi::Error::Success();
 }
 
-ffi::Error backward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer dout,
+ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer dout,
                          ffi::AnyBuffer row_max, ffi::AnyBuffer row_inv, ffi::Result<ffi::AnyBuffer> dq,
-                         ffi::Result<ffi::AnyBuffer> dkt, ffi::Result<ffi::AnyBuffer> dvt) {
-  if (auto e = check(q, k); e.failure()) return e;
-  const Shape sh = shape_of(q, k);
-  auto qd = q.dimensions();
-  const int units = int(qd[0] * qd[1]);
-  const size_t qn = size_t(sh.rows) * sh.dim, kn = size_t(sh.seq) * sh.dim;
-  auto* qp = static_cast<const bf16*>(q.untyped_data());
-  auto* kp = static_cast<const bf16*>(k.untyped_data());
-  auto* vp = static_cast<const bf16*>(v.untyped_data());
-  auto* op = static_cast<const bf16*>(o.untyped_data());
-  auto* dop = static_cast<const bf16*>(dout.untyped_data());
-  auto* mp = static_cast<const float*>(row_max.untyped_data());
-  auto* ip = static_cast<const float*>(row_inv.untyped_data());
-  auto* dqp = static_cast<float*>(dq->untyped_data());
-  auto* dkp = static_cast<float*>(dkt->untyped_data());
-  auto* dvp = static_cast<float*>(dvt->untyped_data());
-  for_each_unit(units, [&](int u) {
-    backward_unit(sh, qp + u * qn, kp + u * kn, vp + u * kn, op + u * qn, dop + u * qn, mp + size_t(u) * sh.rows,
-                  ip + size_t(u) * sh.rows, dqp + u * qn, dkp + u * kn, dvp + u * kn);
+                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv) {
+  auto sh = shape_of(q, k);
+  if (sh.has_error()) return sh.error();
+  for_each_unit(pool, sh->batch * sh->kv_heads, [&](int i) {
+    backward_unit(Unit{*sh, i / sh->kv_heads, i % sh->kv_heads}, data<const bf16>(q), data<const bf16>(k),
+                  data<const bf16>(v), data<const bf16>(o), data<const bf16>(dout), data<const float>(row_max),
+                  data<const float>(row_inv), data<bf16>(dq), data<bf16>(dk), data<bf16>(dv));
   });
   return ffi::Error::Success();
 }
@@ -383,6 +467,7 @@ extern "C" int golfjax_amx_available() { return cpu_has_amx_bf16() && request_am
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_fwd, forward_impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -392,6 +477,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_fwd, forward_impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_bwd, backward_impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

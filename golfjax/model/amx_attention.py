@@ -32,8 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from golfjax.model import cpu_ops
-
 Array = jax.Array
 F32 = jnp.float32
 SOURCE = Path(__file__).with_name("amx_attention.cc")
@@ -132,36 +130,29 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     return _attention(q, k, v)
 
 
-def _forward_call(qs: Array, kh: Array, vh: Array):
-    b, kv, rows, _ = qs.shape
-    out = (jax.ShapeDtypeStruct(qs.shape, qs.dtype), jax.ShapeDtypeStruct((b, kv, rows), F32),
-           jax.ShapeDtypeStruct((b, kv, rows), F32))
-    return jax.ffi.ffi_call(TARGETS[0], out, vmap_method="sequential")(qs, kh, vh)
+def _forward_call(q: Array, k: Array, v: Array):
+    batch, seq, heads, _ = q.shape
+    stats = jax.ShapeDtypeStruct((batch, k.shape[2], seq * heads // k.shape[2]), F32)  # per KV head, its rows
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), stats, stats)
+    return jax.ffi.ffi_call(TARGETS[0], out, vmap_method="sequential")(q, k, v)
 
 
-def _backward_call(qs, kh, vh, o, dor, row_max, row_inv):
-    b, kv, seq, d = kh.shape
-    out = (jax.ShapeDtypeStruct(qs.shape, F32), jax.ShapeDtypeStruct((b, kv, d, seq), F32),
-           jax.ShapeDtypeStruct((b, kv, d, seq), F32))
-    return jax.ffi.ffi_call(TARGETS[1], out, vmap_method="sequential")(qs, kh, vh, o, dor, row_max, row_inv)
+def _backward_call(q, k, v, o, do, row_max, row_inv):
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+           jax.ShapeDtypeStruct(v.shape, v.dtype))
+    return jax.ffi.ffi_call(TARGETS[1], out, vmap_method="sequential")(q, k, v, o, do, row_max, row_inv)
 
 
 def _attention_fwd(q: Array, k: Array, v: Array):
-    seq, head_dim, kv_heads = q.shape[1], q.shape[3], k.shape[2]
-    # the kernel's layout: a KV head's query heads as rows, position-major, pre-scaled as the XLA path does
-    qs = (cpu_ops._to_rows(q, kv_heads).astype(F32) * head_dim**-0.5).astype(q.dtype)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    o, row_max, row_inv = _forward_call(qs, kh, vh)
-    return cpu_ops._from_rows(o, seq), (qs, kh, vh, o, row_max, row_inv)
+    # The kernel reads and writes the model's (B, T, heads, head_dim) layout itself and scales q
+    # by 1/sqrt(head_dim) (float32, rounded to bf16) as cpu_ops does: no transposes around it.
+    o, row_max, row_inv = _forward_call(q, k, v)
+    return o, (q, k, v, o, row_max, row_inv)
 
 
 def _attention_bwd(res, do: Array):
-    qs, kh, vh, o, row_max, row_inv = res
-    kv_heads, seq, head_dim = kh.shape[1], kh.shape[2], kh.shape[3]
-    dq, dk_t, dv_t = _backward_call(qs, kh, vh, o, cpu_ops._to_rows(do, kv_heads).astype(qs.dtype), row_max, row_inv)
-    dq = cpu_ops._from_rows(dq * head_dim**-0.5, seq)
-    back = lambda t: jnp.swapaxes(t, 2, 3).transpose(0, 2, 1, 3).astype(qs.dtype)  # (B,KV,D,T) -> (B,T,KV,D)
-    return dq.astype(qs.dtype), back(dk_t), back(dv_t)
+    q, k, v, o, row_max, row_inv = res
+    return _backward_call(q, k, v, o, do.astype(q.dtype), row_max, row_inv)
 
 
 @jax.custom_vjp
