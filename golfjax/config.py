@@ -41,10 +41,10 @@ class ModelConfig:
     qk_gain_init: float = 1.5
     # "auto": bfloat16 on GPU/TPU, float32 on CPU. Params are always float32.
     compute_dtype: str = "auto"
-    # "auto": cuDNN fused attention on GPU with 16-bit inputs; on CPU golfjax's AMX
-    # kernel ("amx", golfjax.model.amx_attention) for bf16 on one device where the
-    # CPU has AMX, else its blocked attention ("blocked", golfjax.model.cpu_ops);
-    # XLA elsewhere. Also "xla", "cudnn".
+    # "auto": cuDNN fused attention on GPU with 16-bit inputs; on CPU golfjax's fused
+    # kernel ("fused", golfjax.model.fused_attention: AMX for bf16, AVX-512 for
+    # float32) on one device where the CPU can run it, else its blocked XLA
+    # attention ("blocked", golfjax.model.cpu_ops); XLA elsewhere. Also "xla", "cudnn".
     attention_impl: str = "auto"
     # Dense layers' matmul: "auto" is "cpu" on CPU (golfjax.model.cpu_ops.linear,
     # YNNPACK-friendly layouts and VJP) and "xla" (flax's own) elsewhere.

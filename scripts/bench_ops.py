@@ -11,8 +11,8 @@ direction (`orthogonalized_direction`: 5 bf16 Newton-Schulz steps) of each of th
 baseline's six kernel stacks (9 layers of c_q, c_k, c_v, proj, fc, mlp proj, in
 Flax's (in, out) layout) and their sum, in both roundings; the attention's bf16 tiles
 (64-wide contraction or output) and golfjax's CPU attention forward+backward on one
-baseline layer and sequence, XLA's (`cpu_ops`) and, where the CPU has AMX, the fused
-kernel's (`amx_attention`). Each is jitted alone;
+baseline layer and sequence in bf16 and float32, XLA's (`cpu_ops`) and, where the CPU
+can run it, the fused kernel's (`fused_attention`). Each is jitted alone;
 median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
 GFLOP/s for the matmuls.
 """
@@ -92,16 +92,23 @@ def main() -> int:
     k_, v = (jax.random.normal(k, (1, 1024, 4, 64)).astype(jnp.bfloat16) for k in ks[2:])
     fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
     out["attention_fwd_bwd_1x1024x8x64_bfloat16_ms"] = round(_median_ms(fwd_bwd, q, k_, v, g, repeats=args.repeats), 2)
-    from golfjax.model import amx_attention
+    from golfjax.model import fused_attention
 
-    reason = amx_attention.unavailable_reason()
-    if reason is None:  # the fused AMX kernel (model.attention_impl "amx"), same layer and sequence
-        fwd = jax.jit(amx_attention.causal_attention)
-        fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(amx_attention.causal_attention, q, k, v)[1](g))
-        out["amx_attention_fwd_1x1024x8x64_ms"] = round(_median_ms(fwd, q, k_, v, repeats=args.repeats), 2)
-        out["amx_attention_fwd_bwd_1x1024x8x64_ms"] = round(_median_ms(fwd_bwd, q, k_, v, g, repeats=args.repeats), 2)
-    else:
-        out["amx_attention"] = f"unavailable: {reason}"
+    args_r = args.repeats
+    for dtype in (jnp.bfloat16, jnp.float32):  # the fused kernel (model.attention_impl "fused"), same shapes
+        name = jnp.dtype(dtype).name
+        reason = fused_attention.unavailable_reason(dtype)
+        if reason is not None:
+            out[f"fused_attention_{name}"] = f"unavailable: {reason}"
+            continue
+        xs = [a.astype(dtype) for a in (q, k_, v, g)]
+        fwd = jax.jit(fused_attention.causal_attention)
+        fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(fused_attention.causal_attention, q, k, v)[1](g))
+        out[f"fused_attention_fwd_1x1024x8x64_{name}_ms"] = round(_median_ms(fwd, *xs[:3], repeats=args_r), 2)
+        out[f"fused_attention_fwd_bwd_1x1024x8x64_{name}_ms"] = round(_median_ms(fwd_bwd, *xs, repeats=args_r), 2)
+    xla_f32 = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
+    out["attention_fwd_bwd_1x1024x8x64_float32_ms"] = round(
+        _median_ms(xla_f32, *(a.astype(jnp.float32) for a in (q, k_, v, g)), repeats=args_r), 2)
 
     from golfjax.optim.muon import orthogonalized_direction
 

@@ -209,8 +209,8 @@ def test_code_files_rule() -> None:
     assert {"train/loop.py", "optim/muon.py", "model/gpt.py"} <= relative
     assert relative == {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
     assert files == sorted(files) and all(f.suffix == ".py" for f in files)
-    # the optional AMX attention kernel computes what cpu_ops.py does (a library kernel, as FA3 for the records)
-    assert (package / "model" / "amx_attention.cc").exists() and "model/amx_attention.py" in relative
+    # the optional fused attention kernel computes what cpu_ops.py does (a library kernel, as FA3 for the records)
+    assert (package / "model" / "fused_attention.cc").exists() and "model/fused_attention.py" in relative
 
 
 def test_size_report_arithmetic(tmp_path: Path) -> None:

@@ -432,7 +432,7 @@ def code_files() -> list[Path]:
     ``train_gpt.py``, which trains, exports and scores; golfjax's equivalent is
     the package. The thin CLIs in ``scripts/`` only parse flags and call it.
     New modules count by default, so the rule errs towards over-counting.
-    Not counted: the C++ attention kernel for AMX CPUs (``model/amx_attention.cc``),
+    Not counted: the C++ attention kernel for x86 CPUs (``model/fused_attention.cc``),
     a faster way to compute what ``model/cpu_ops.py`` computes, in the role
     FlashAttention-3 plays for the records' PyTorch code (which do not count it).
     """

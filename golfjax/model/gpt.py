@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from golfjax.config import ModelConfig, parse_layer_list
-from golfjax.model import amx_attention, cpu_ops
+from golfjax.model import cpu_ops, fused_attention
 from golfjax.model.layers import (GPTJ, GRAM_SUFFIX, GRAMS, LANES, SERIAL, Block, input_gram, kernel_init,
                                   document_segments, resolve_matmul_impl, rms_norm, scale_channels)
 from golfjax.model.naming import is_control_tensor
@@ -101,24 +101,22 @@ def resolve_compute_dtype(name: str) -> jnp.dtype:
 
 
 def resolve_attention_impl(name: str, dtype) -> str | None:
-    """cuDNN fused attention needs a GPU and 16-bit inputs; on CPU golfjax's AMX
-    kernel for bf16 on one device where the CPU has AMX (golfjax.model.amx_attention),
-    else its causal-blocked attention (about 2x faster there than XLA's masked full
-    square); XLA everywhere else. An explicit "amx" that cannot run is an error."""
-    bf16 = jnp.dtype(dtype) == jnp.bfloat16
+    """cuDNN fused attention needs a GPU and 16-bit inputs; on CPU golfjax's fused
+    kernel on one device where the CPU can run it (golfjax.model.fused_attention: AMX
+    for bf16, AVX-512 for float32), else its causal-blocked XLA attention (about 2x
+    faster there than XLA's masked full square); XLA everywhere else. An explicit
+    "fused" that cannot run is an error."""
     if name == "auto":
         backend = jax.default_backend()
         if backend == "cpu":
             # Several devices partition the batch with GSPMD, which would gather a custom call's operands.
-            return "amx" if bf16 and jax.device_count() == 1 and amx_attention.available() else "blocked"
+            return "fused" if jax.device_count() == 1 and fused_attention.available(dtype) else "blocked"
         use_cudnn = backend == "gpu" and jnp.dtype(dtype).itemsize == 2
         return "cudnn" if use_cudnn else "xla"
-    if name == "amx":
-        if not bf16:
-            raise ValueError(f"model.attention_impl='amx' needs model.compute_dtype='bfloat16' (got {jnp.dtype(dtype)})")
-        reason = amx_attention.unavailable_reason()
+    if name == "fused":
+        reason = fused_attention.unavailable_reason(dtype)
         if reason is not None:
-            raise amx_attention.AmxUnavailable(f"model.attention_impl='amx' cannot run here: {reason}")
+            raise fused_attention.KernelUnavailable(f"model.attention_impl='fused' cannot run here: {reason}")
     return name
 
 

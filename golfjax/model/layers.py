@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from golfjax.model import amx_attention, cpu_ops
+from golfjax.model import cpu_ops, fused_attention
 
 Array = jax.Array
 
@@ -178,17 +178,17 @@ def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
                    segments: Array | None = None) -> Array:
     """Causal GQA attention on (B, T, heads, head_dim); kv heads are shared natively.
 
-    "amx" is the fused AMX kernel (`amx_attention.causal_attention`) where it
-    applies (bf16, head_dim and sequence multiples of 32, no document mask) and
-    "blocked" otherwise. "blocked" (golfjax's CPU default) is
+    "fused" is golfjax's fused CPU kernel (`fused_attention.causal_attention`)
+    where it applies (bf16 or float32, head_dim and sequence multiples of 32, no
+    document mask) and "blocked" otherwise. "blocked" (golfjax's CPU default) is
     `cpu_ops.causal_attention`, or with `segments` `blocked_causal_attention`;
     anything else goes to `jax.nn.dot_product_attention` ("xla", "cudnn", None).
     With `segments` a query only sees keys of its own document (a dense
     (B,1,T,T) mask, on XLA).
     """
-    if implementation == "amx":
-        if segments is None and amx_attention.supports(q, k):
-            return amx_attention.causal_attention(q, k, v)
+    if implementation == "fused":
+        if segments is None and fused_attention.supports(q, k):
+            return fused_attention.causal_attention(q, k, v)
         implementation = "blocked"
     if implementation == "blocked":
         if segments is None:

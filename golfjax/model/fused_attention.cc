@@ -1,21 +1,24 @@
-// Causal GQA attention for x86 CPUs with AMX-BF16, as two XLA FFI custom calls.
+// Fused causal GQA attention for x86-64 CPUs, as XLA FFI custom calls: bf16 on
+// AMX tiles, float32 with AVX-512.
 //
 // Why: on XLA:CPU the attention of the baseline model is a chain of separate
 // ops over (query rows x keys) tiles too large for the cache, so its softmax
 // passes are memory-bound and its 64-wide dots run far below the machine's
-// bf16 matmul speed (docs/BENCHMARKS.md). Here one call does a whole block of
-// query rows (scores, softmax, value product) while the block stays in L2,
-// with the products on AMX tiles. golfjax/model/amx_attention.py builds this
+// matmul speed (docs/BENCHMARKS.md). Here one call does a whole block of 64
+// query rows (scores, softmax, value product; backward, all five products)
+// while the block stays in L2. golfjax/model/fused_attention.py builds this
 // file with the system's C++ compiler on first use and falls back to the XLA
-// path wherever it cannot (no compiler, no AMX, other shapes).
+// path wherever it cannot (no compiler, no AVX-512 / AMX, other shapes).
 //
-// Layout (all row-major): q (B, KV, R, D) with R = T * G rows, the G query
-// heads of a KV head interleaved position-major (row r is position r / G),
-// already scaled by 1/sqrt(D); k, v (B, KV, T, D). Arithmetic follows
-// golfjax.model.cpu_ops.causal_attention: float32 scores and softmax, the
-// normalised probabilities rounded to bf16 before the value product, float32
-// accumulation everywhere. The backward recomputes the probabilities from the
-// forward's row max and inverse row sum (bit-identical to the forward's).
+// Layout: the model's, row-major: q, o, dq (B, T, H, D); k, v, dk, dv
+// (B, T, KV, D). Internally a KV head's G = H / KV query heads are the rows of
+// one matrix, position-major (row r is head kv * G + r % G at position r / G).
+// Arithmetic follows golfjax.model.cpu_ops.causal_attention: q scaled by
+// 1/sqrt(D) in float32 (then rounded to the input type), float32 scores,
+// softmax and accumulation, the normalised probabilities rounded to the input
+// type before the value product. The backward recomputes the probabilities
+// from the forward's row max and inverse row sum (bit-identical to the
+// forward's).
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -69,6 +72,11 @@ bool cpu_has_amx_bf16() {
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   const bool avx512_bf16 = a & (1u << 5);
   return amx_bf16 && amx_tile && avx512f && avx512bw && avx512_bf16;
+}
+
+bool cpu_has_avx512f() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 16));
 }
 
 bool request_amx_permission() {
@@ -392,6 +400,169 @@ void backward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, c
   scatter_keys_transposed(u, dvt, dv);
 }
 
+// ---------------------------------------------------------------- float32 (AVX-512)
+
+// C (M x N) = or += A (M x K) B (K x N), float32, B row-major (row stride ldb). A is
+// row-major (A(i, k) at a[i * lda + k]) or, with kTransA, given as A^T (a[k * lda + i]).
+// M a multiple of 8, N of 32. 8 x 32 register tile: 16 accumulators, B rows as vectors,
+// A elements broadcast.
+template <bool kTransA>
+void matmul_f32(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m_size, int n_size,
+                int k_size, bool accumulate) {
+  for (int m = 0; m < m_size; m += 8) {
+    for (int n = 0; n < n_size; n += 32) {
+      __m512 acc[8][2];
+      for (int i = 0; i < 8; ++i) {
+        acc[i][0] = accumulate ? _mm512_loadu_ps(c + (m + i) * ldc + n) : _mm512_setzero_ps();
+        acc[i][1] = accumulate ? _mm512_loadu_ps(c + (m + i) * ldc + n + 16) : _mm512_setzero_ps();
+      }
+      for (int k = 0; k < k_size; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(b + k * ldb + n), b1 = _mm512_loadu_ps(b + k * ldb + n + 16);
+        for (int i = 0; i < 8; ++i) {
+          const __m512 ai = _mm512_set1_ps(kTransA ? a[k * lda + m + i] : a[(m + i) * lda + k]);
+          acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(c + (m + i) * ldc + n, acc[i][0]);
+        _mm512_storeu_ps(c + (m + i) * ldc + n + 16, acc[i][1]);
+      }
+    }
+  }
+}
+
+// x (rows x cols, row stride ld) transposed into out (cols x rows).
+void transpose_f32(const float* x, int ld, int rows, int cols, float* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) out[c * rows + r] = x[r * ld + c];
+}
+
+// Probabilities of one float32 score row, in place: row max, exp, sum, normalise.
+void softmax_row_f32(float* s, int n, int width, float* max_out, float* inv_out) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(n - j), s + j));
+  const float m = _mm512_reduce_max_ps(vmax);
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 t = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm)));
+    _mm512_mask_storeu_ps(s + j, t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int j = 0; j < width; j += 16) {
+    const __mmask16 t = j < n ? tail_mask(n - j) : __mmask16(0);
+    _mm512_storeu_ps(s + j, _mm512_maskz_mul_ps(t, _mm512_maskz_loadu_ps(t, s + j), vinv));
+  }
+  *max_out = m;
+  *inv_out = inv;
+}
+
+void gather_rows_f32(const Unit& u, const float* x, int r0, int n, float scale, float* out) {
+  const int D = u.sh.dim;
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; ++i) {
+    const float* src = x + u.row_offset(r0 + i);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), vs));
+  }
+}
+
+void scatter_rows_f32(const Unit& u, const float* x, int r0, int n, float scale, float* out) {
+  const int D = u.sh.dim;
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < n; ++i) {
+    float* dst = out + u.row_offset(r0 + i);
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(x + i * D + d), vs));
+  }
+}
+
+struct WorkspaceF32 {
+  std::vector<float> kt, vt, qb, dob, ob, s, dp, acc, dk, dv;
+};
+
+WorkspaceF32& workspace_f32() {
+  static thread_local WorkspaceF32 ws;
+  return ws;
+}
+
+void forward_unit_f32(const Unit& u, const float* q, const float* k, const float* v, float* o, float* row_max,
+                      float* row_inv) {
+  const Shape& sh = u.sh;
+  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
+  WorkspaceF32& ws = workspace_f32();
+  float *kt = sized(ws.kt, size_t(T) * D), *qb = sized(ws.qb, B * D), *s = sized(ws.s, size_t(B) * T);
+  float* acc = sized(ws.acc, B * D);
+  transpose_f32(k + u.key_offset(), u.key_stride(), T, D, kt);  // K^T (D x T)
+  const float* vu = v + u.key_offset();
+  row_max += u.stat_offset();
+  row_inv += u.stat_offset();
+  for (int r0 = 0; r0 < sh.rows(); r0 += B) {
+    const int keys = sh.keys_for(r0);
+    gather_rows_f32(u, q, r0, B, sh.scale(), qb);
+    matmul_f32<false>(qb, D, kt, T, s, keys, B, keys, D, false);
+    for (int i = 0; i < B; ++i) {
+      const int r = r0 + i;
+      softmax_row_f32(s + i * keys, r / G + 1, keys, row_max + r, row_inv + r);
+    }
+    matmul_f32<false>(s, keys, vu, u.key_stride(), acc, D, B, D, keys, false);
+    scatter_rows_f32(u, acc, r0, B, 1.0f, o);
+  }
+}
+
+void backward_unit_f32(const Unit& u, const float* q, const float* k, const float* v, const float* o,
+                       const float* dout, const float* row_max, const float* row_inv, float* dq, float* dk,
+                       float* dv) {
+  const Shape& sh = u.sh;
+  const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
+  WorkspaceF32& ws = workspace_f32();
+  float *kt = sized(ws.kt, size_t(T) * D), *vt = sized(ws.vt, size_t(T) * D);
+  float *qb = sized(ws.qb, B * D), *dob = sized(ws.dob, B * D), *ob = sized(ws.ob, B * D);
+  float *s = sized(ws.s, size_t(B) * T), *dp = sized(ws.dp, size_t(B) * T), *dqb = sized(ws.acc, B * D);
+  float *dka = sized(ws.dk, size_t(T) * D), *dva = sized(ws.dv, size_t(T) * D);
+  std::fill(dka, dka + size_t(T) * D, 0.0f);
+  std::fill(dva, dva + size_t(T) * D, 0.0f);
+  const float* ku = k + u.key_offset();
+  transpose_f32(ku, u.key_stride(), T, D, kt);                       // K^T, for the scores
+  transpose_f32(v + u.key_offset(), u.key_stride(), T, D, vt);       // V^T, for dP = dO V^T
+  row_max += u.stat_offset();
+  row_inv += u.stat_offset();
+  for (int r0 = 0; r0 < sh.rows(); r0 += B) {
+    const int keys = sh.keys_for(r0);
+    gather_rows_f32(u, q, r0, B, sh.scale(), qb);
+    gather_rows_f32(u, dout, r0, B, 1.0f, dob);
+    gather_rows_f32(u, o, r0, B, 1.0f, ob);
+    matmul_f32<false>(qb, D, kt, T, s, keys, B, keys, D, false);
+    matmul_f32<false>(dob, D, vt, T, dp, keys, B, keys, D, false);
+    for (int i = 0; i < B; ++i) {
+      const int r = r0 + i, n = r / G + 1;
+      float* si = s + i * keys;  // scores, then probabilities
+      const __m512 vm = _mm512_set1_ps(row_max[r]), vinv = _mm512_set1_ps(row_inv[r]);
+      __m512 vd = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16)
+        vd = _mm512_fmadd_ps(_mm512_loadu_ps(dob + i * D + d), _mm512_loadu_ps(ob + i * D + d), vd);
+      const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(vd));
+      float* dpi = dp + i * keys;  // dP, then dS
+      for (int j = 0; j < keys; j += 16) {
+        const __mmask16 t = j < n ? tail_mask(n - j) : __mmask16(0);
+        const __m512 p = _mm512_maskz_mul_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, si + j), vm)), vinv);
+        _mm512_storeu_ps(si + j, p);
+        _mm512_storeu_ps(dpi + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpi + j), delta)));
+      }
+    }
+    matmul_f32<false>(dp, keys, ku, u.key_stride(), dqb, D, B, D, keys, false);  // dQ = dS K
+    scatter_rows_f32(u, dqb, r0, B, sh.scale(), dq);
+    matmul_f32<true>(dp, keys, qb, D, dka, D, keys, D, B, true);   // dK += dS^T Q
+    matmul_f32<true>(s, keys, dob, D, dva, D, keys, D, B, true);   // dV += P^T dO
+  }
+  for (int t = 0; t < T; ++t) {
+    std::memcpy(dk + u.key_offset() + size_t(t) * u.key_stride(), dka + size_t(t) * D, sizeof(float) * D);
+    std::memcpy(dv + u.key_offset() + size_t(t) * u.key_stride(), dva + size_t(t) * D, sizeof(float) * D);
+  }
+}
+
 // ---------------------------------------------------------------- parallel over units
 
 // body(u) for every unit, on the calling thread and on XLA's CPU thread pool. The caller
@@ -461,11 +632,44 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+ffi::Error forward_f32_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> row_max,
+                            ffi::Result<ffi::AnyBuffer> row_inv) {
+  auto sh = shape_of(q, k);
+  if (sh.has_error()) return sh.error();
+  for_each_unit(pool, sh->batch * sh->kv_heads, [&](int i) {
+    forward_unit_f32(Unit{*sh, i / sh->kv_heads, i % sh->kv_heads}, data<const float>(q), data<const float>(k),
+                     data<const float>(v), data<float>(o), data<float>(row_max), data<float>(row_inv));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error backward_f32_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                             ffi::AnyBuffer o, ffi::AnyBuffer dout, ffi::AnyBuffer row_max, ffi::AnyBuffer row_inv,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv) {
+  auto sh = shape_of(q, k);
+  if (sh.has_error()) return sh.error();
+  for_each_unit(pool, sh->batch * sh->kv_heads, [&](int i) {
+    backward_unit_f32(Unit{*sh, i / sh->kv_heads, i % sh->kv_heads}, data<const float>(q), data<const float>(k),
+                      data<const float>(v), data<const float>(o), data<const float>(dout),
+                      data<const float>(row_max), data<const float>(row_inv), data<float>(dq), data<float>(dk),
+                      data<float>(dv));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-extern "C" int golfjax_amx_available() { return cpu_has_amx_bf16() && request_amx_permission() ? 1 : 0; }
+// Bit 0: the float32 kernels can run (AVX-512F); bit 1: the bf16 ones (AMX-BF16, AVX512-BF16,
+// and the kernel's permission to use AMX tile data).
+extern "C" int golfjax_cpu_features() {
+  int features = cpu_has_avx512f() ? 1 : 0;
+  if (cpu_has_amx_bf16() && request_amx_permission()) features |= 2;
+  return features;
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_fwd, forward_impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_bf16, forward_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
@@ -475,7 +679,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_fwd, forward_impl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_amx_attention_bwd, backward_impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_bf16, backward_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_f32, forward_f32_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_f32, backward_f32_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -1,7 +1,8 @@
-"""The fused AMX attention kernel (golfjax.model.amx_attention) against float64 and the XLA path.
+"""The fused CPU attention kernel (golfjax.model.fused_attention) against float64 and the XLA path.
 
-The kernel tests need a CPU with AMX-BF16 and a C++ compiler; elsewhere they skip
-and say which is missing. The fallback and error tests run everywhere.
+The kernel tests need an x86-64 CPU (AVX-512F for float32, AMX-BF16 for bf16) and a
+C++ compiler; elsewhere they skip and say which is missing (a kernel that does not
+compile fails them). The fallback and error tests run everywhere.
 """
 
 from dataclasses import replace
@@ -13,19 +14,19 @@ import numpy as np
 import pytest
 
 from golfjax.config import Config
-from golfjax.model import amx_attention, cpu_ops, gpt
+from golfjax.model import cpu_ops, fused_attention, gpt
 from golfjax.model.layers import attention_core
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 
 
-def _need_kernel():
-    reason = amx_attention.unavailable_reason()
+def _need_kernel(dtype=BF16):
+    reason = fused_attention.unavailable_reason(dtype)
     if reason is not None and reason.startswith("building"):
-        pytest.fail(f"the AMX attention kernel does not compile: {reason}")  # a bug, not a missing feature
+        pytest.fail(f"the fused attention kernel does not compile: {reason}")  # a bug, not a missing feature
     if reason is not None:
-        pytest.skip(f"AMX attention kernel unavailable here: {reason}")
+        pytest.skip(f"fused attention kernel unavailable here: {reason}")
 
 
 def _inputs(batch, seq, heads, kv_heads, head_dim, scale=1.0, seed=0):
@@ -72,7 +73,7 @@ def test_kernel_is_as_close_to_float64_as_the_xla_path(shape):
     _need_kernel()
     q, k, v, g = _inputs(*shape, scale=2.0)
     exact = _exact(q, k, v)
-    ours = np.asarray(jax.jit(amx_attention.causal_attention)(q, k, v).astype(F32), np.float64)
+    ours = np.asarray(jax.jit(fused_attention.causal_attention)(q, k, v).astype(F32), np.float64)
     xla = np.asarray(jax.jit(cpu_ops.causal_attention)(q, k, v).astype(F32), np.float64)
     err_ours, err_xla = np.abs(ours - exact).max(), np.abs(xla - exact).max()
     assert err_ours <= 1.25 * err_xla + 1e-3, (err_ours, err_xla)
@@ -80,7 +81,7 @@ def test_kernel_is_as_close_to_float64_as_the_xla_path(shape):
     np.testing.assert_allclose(ours, xla, rtol=0, atol=2 * 2.0 ** -7 * np.abs(xla).max())
 
     reference = _exact_grads(q, k, v, g)
-    for name, a, b, r in zip("qkv", _grads(amx_attention.causal_attention, q, k, v, g),
+    for name, a, b, r in zip("qkv", _grads(fused_attention.causal_attention, q, k, v, g),
                              _grads(cpu_ops.causal_attention, q, k, v, g), reference):
         a, b, r = (np.asarray(x, np.float32) for x in (a, b, r))
         rel = lambda x: np.linalg.norm(x - r) / np.linalg.norm(r)
@@ -96,10 +97,10 @@ def test_kernel_is_causal():
     t = 70
     k2 = k.at[:, t:].set((3 * jax.random.normal(jax.random.PRNGKey(9), k[:, t:].shape)).astype(BF16))
     v2 = v.at[:, t:].set((3 * jax.random.normal(jax.random.PRNGKey(8), v[:, t:].shape)).astype(BF16))
-    f = jax.jit(amx_attention.causal_attention)
+    f = jax.jit(fused_attention.causal_attention)
     np.testing.assert_array_equal(np.asarray(f(q, k, v)[:, :t]), np.asarray(f(q, k2, v2)[:, :t]))
     g_early = g.at[:, t:].set(0)
-    dq, dk, dv = _grads(amx_attention.causal_attention, q, k, v, g_early)
+    dq, dk, dv = _grads(fused_attention.causal_attention, q, k, v, g_early)
     assert not np.any(np.asarray(dk[:, t:])) and not np.any(np.asarray(dv[:, t:]))
     assert not np.any(np.asarray(dq[:, t:]))
     assert np.any(np.asarray(dk[:, :t])) and np.any(np.asarray(dv[:, :t]))
@@ -108,14 +109,14 @@ def test_kernel_is_causal():
 def test_kernel_under_vmap_and_scan():
     _need_kernel()
     q, k, v, _ = _inputs(2, 64, 4, 2, 32)
-    direct = jax.jit(amx_attention.causal_attention)(q, k, v)
-    per_seq = jax.jit(jax.vmap(lambda a, b, c: amx_attention.causal_attention(a[None], b[None], c[None])[0]))(q, k, v)
+    direct = jax.jit(fused_attention.causal_attention)(q, k, v)
+    per_seq = jax.jit(jax.vmap(lambda a, b, c: fused_attention.causal_attention(a[None], b[None], c[None])[0]))(q, k, v)
     np.testing.assert_array_equal(np.asarray(direct), np.asarray(per_seq))
-    scanned = jax.lax.scan(lambda c, x: (c, amx_attention.causal_attention(*(a[None] for a in x))[0]), 0, (q, k, v))[1]
+    scanned = jax.lax.scan(lambda c, x: (c, fused_attention.causal_attention(*(a[None] for a in x))[0]), 0, (q, k, v))[1]
     np.testing.assert_array_equal(np.asarray(direct), np.asarray(scanned))
 
 
-def test_model_with_amx_attention_matches_blocked():
+def test_model_with_fused_attention_matches_blocked():
     """A bf16 model: loss and every gradient with the kernel agree with golfjax's XLA attention."""
     _need_kernel()
     cfg = replace(Config().model, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=64,
@@ -124,45 +125,96 @@ def test_model_with_amx_attention_matches_blocked():
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
     x = jax.random.randint(jax.random.PRNGKey(3), (2, 64), 0, 64)
     run = lambda c: jax.jit(jax.value_and_grad(lambda p: gpt.loss(p, c, x, x)))(params)
-    (l_amx, g_amx), (l_blk, g_blk) = run(replace(cfg, attention_impl="amx")), run(replace(cfg, attention_impl="blocked"))
-    assert abs(float(l_amx) - float(l_blk)) <= 2e-3 * abs(float(l_blk))
-    for a, b in zip(jax.tree.leaves(g_amx), jax.tree.leaves(g_blk)):
+    (l_fused, g_fused), (l_blk, g_blk) = run(replace(cfg, attention_impl="fused")), run(replace(cfg, attention_impl="blocked"))
+    assert abs(float(l_fused) - float(l_blk)) <= 2e-3 * abs(float(l_blk))
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_blk)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-6
 
 
-def test_amx_falls_back_to_blocked_where_the_kernel_does_not_apply():
+def test_fused_falls_back_to_blocked_where_the_kernel_does_not_apply():
     """A sequence that is not a multiple of 32, or a document mask: the same numbers as "blocked"."""
     q, k, v, _ = _inputs(1, 48, 4, 2, 32)
-    np.testing.assert_array_equal(np.asarray(attention_core(q, k, v, "amx")),
+    np.testing.assert_array_equal(np.asarray(attention_core(q, k, v, "fused")),
                                   np.asarray(attention_core(q, k, v, "blocked")))
     q, k, v, _ = _inputs(1, 64, 4, 2, 32)
     segments = jnp.repeat(jnp.arange(1, 3), 32)[None]
-    np.testing.assert_array_equal(np.asarray(attention_core(q, k, v, "amx", segments)),
+    np.testing.assert_array_equal(np.asarray(attention_core(q, k, v, "fused", segments)),
                                   np.asarray(attention_core(q, k, v, "blocked", segments)))
 
 
-def test_explicit_amx_errors_say_why(monkeypatch):
-    with pytest.raises(ValueError, match="compute_dtype='bfloat16'"):
-        gpt.resolve_attention_impl("amx", jnp.float32)
-    monkeypatch.setattr(amx_attention, "unavailable_reason", lambda: "no C++ compiler found")
-    with pytest.raises(amx_attention.AmxUnavailable, match="cannot run here: no C\\+\\+ compiler found"):
-        gpt.resolve_attention_impl("amx", BF16)
-    with pytest.raises(amx_attention.AmxUnavailable, match="no C\\+\\+ compiler"):
-        amx_attention.causal_attention(*_inputs(1, 32, 2, 2, 32)[:3])
+def test_explicit_fused_errors_say_why(monkeypatch):
+    monkeypatch.setattr(fused_attention, "unavailable_reason", lambda dtype=BF16: "no C++ compiler found")
+    with pytest.raises(fused_attention.KernelUnavailable, match="cannot run here: no C\\+\\+ compiler found"):
+        gpt.resolve_attention_impl("fused", BF16)
+    with pytest.raises(fused_attention.KernelUnavailable, match="no C\\+\\+ compiler"):
+        fused_attention.causal_attention(*_inputs(1, 32, 2, 2, 32)[:3])
     # "auto" never fails: without the kernel it is the blocked XLA attention
     assert gpt.resolve_attention_impl("auto", BF16) == ("blocked" if jax.default_backend() == "cpu" else "xla")
 
 
-def test_auto_picks_the_kernel_only_for_bf16_on_one_device(monkeypatch):
+def test_the_kernel_takes_bf16_and_float32_only():
+    assert "float16" in fused_attention.unavailable_reason(jnp.float16)
+    q = jnp.zeros((1, 32, 2, 32), jnp.float16)
+    assert not fused_attention.supports(q, q)
+    assert not fused_attention.supports(q.astype(F32), q.astype(BF16))  # mixed dtypes
+    assert not fused_attention.supports(jnp.zeros((1, 32, 2, 48), F32), jnp.zeros((1, 32, 2, 48), F32))
+    assert fused_attention.supports(q.astype(F32), q.astype(F32))
+
+
+def test_auto_picks_the_kernel_only_on_one_device(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("the kernel is for the CPU backend")
-    monkeypatch.setattr(amx_attention, "unavailable_reason", lambda: None)
-    assert gpt.resolve_attention_impl("auto", F32) == "blocked"
+    monkeypatch.setattr(fused_attention, "unavailable_reason", lambda dtype=BF16: None)
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert gpt.resolve_attention_impl("auto", BF16) == "amx"
+    assert gpt.resolve_attention_impl("auto", BF16) == "fused"
+    assert gpt.resolve_attention_impl("auto", F32) == "fused"
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     assert gpt.resolve_attention_impl("auto", BF16) == "blocked"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(fused_attention, "unavailable_reason",
+                        lambda dtype=BF16: None if jnp.dtype(dtype) == F32 else "no AMX")
+    assert gpt.resolve_attention_impl("auto", BF16) == "blocked"  # per dtype: float32 may run where bf16 cannot
+    assert gpt.resolve_attention_impl("auto", F32) == "fused"
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 8, 4, 64), (2, 64, 4, 4, 32), (1, 96, 6, 3, 64), (2, 128, 4, 1, 128)])
+def test_float32_kernel_equals_the_xla_path_to_float32_rounding(shape):
+    _need_kernel(F32)
+    q, k, v, g = (x.astype(F32) for x in _inputs(*shape, scale=2.0))
+    ours = jax.jit(fused_attention.causal_attention)(q, k, v)
+    assert ours.dtype == F32
+    np.testing.assert_allclose(ours, jax.jit(cpu_ops.causal_attention)(q, k, v), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(ours, _exact(q, k, v), rtol=0, atol=2e-5)
+    for a, b in zip(_grads(fused_attention.causal_attention, q, k, v, g), _exact_grads(q, k, v, g)):
+        assert a.dtype == F32
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_float32_kernel_is_causal():
+    _need_kernel(F32)
+    q, k, v, g = (x.astype(F32) for x in _inputs(1, 128, 4, 2, 64))
+    t = 45
+    k2, v2 = k.at[:, t:].multiply(-3.0), v.at[:, t:].add(5.0)
+    f = jax.jit(fused_attention.causal_attention)
+    np.testing.assert_array_equal(np.asarray(f(q, k, v)[:, :t]), np.asarray(f(q, k2, v2)[:, :t]))
+    _, dk, dv = _grads(fused_attention.causal_attention, q, k, v, g.at[:, t:].set(0))
+    assert not np.any(np.asarray(dk[:, t:])) and not np.any(np.asarray(dv[:, t:]))
+    assert np.any(np.asarray(dk[:, :t])) and np.any(np.asarray(dv[:, :t]))
+
+
+def test_float32_model_with_fused_attention_matches_blocked():
+    _need_kernel(F32)
+    cfg = replace(Config().model, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=64,
+                  compute_dtype="float32")
+    params = gpt.init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
+    x = jax.random.randint(jax.random.PRNGKey(3), (2, 64), 0, 64)
+    run = lambda c: jax.jit(jax.value_and_grad(lambda p: gpt.loss(p, c, x, x)))(params)
+    (l_f, g_f), (l_b, g_b) = run(replace(cfg, attention_impl="fused")), run(replace(cfg, attention_impl="blocked"))
+    assert abs(float(l_f) - float(l_b)) <= 1e-5
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_a_failing_build_is_reported_not_raised_as_a_traceback(tmp_path, monkeypatch):
@@ -170,13 +222,13 @@ def test_a_failing_build_is_reported_not_raised_as_a_traceback(tmp_path, monkeyp
     broken.write_text("#!/bin/sh\necho 'fatal error: no such header' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("GOLFJAX_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(amx_attention.AmxUnavailable, match="failed: fatal error: no such header"):
-        amx_attention.build(str(broken))
+    with pytest.raises(fused_attention.KernelUnavailable, match="failed: fatal error: no such header"):
+        fused_attention.build(str(broken))
     assert not any((tmp_path / "cache").iterdir())  # no half-written library left behind
 
 
 def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("GOLFJAX_CACHE_DIR", str(tmp_path))
-    a, b = amx_attention.library_path("g++"), amx_attention.library_path("clang++")
+    a, b = fused_attention.library_path("g++"), fused_attention.library_path("clang++")
     assert a != b and a.parent == b.parent == Path(tmp_path)
-    assert amx_attention.library_path("g++") == a
+    assert fused_attention.library_path("g++") == a
