@@ -16,6 +16,7 @@ import pytest
 from golfjax.config import Config
 from golfjax.model import cpu_ops, fused_attention, gpt
 from golfjax.model.layers import attention_core
+from tests.test_eval_sliding import setup  # noqa: F401  (session fixture: tokenizer, tables, documents)
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -232,3 +233,39 @@ def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
     a, b = fused_attention.library_path("g++"), fused_attention.library_path("clang++")
     assert a != b and a.parent == b.parent == Path(tmp_path)
     assert fused_attention.library_path("g++") == a
+
+
+def test_evaluation_and_ttt_with_fused_attention(setup):  # noqa: F811  (the sliding tests' session fixture)
+    """Sliding-window scores with the kernel equal the XLA attention's (same targets, same bytes, loss to
+    float32 rounding), and score-first TTT through the kernel's gradient still never lets a token reach
+    the weights before it is scored."""
+    _need_kernel(F32)
+    from golfjax.eval.evaluator import Evaluator
+    from golfjax.parallel import make_mesh, put_replicated
+    from tests.test_eval_sliding import eval_config
+    from tests.test_eval_ttt import CHUNK, TTT, nll_by_position
+
+    sp, tables, stream, _ = setup
+    model = replace(eval_config().model, model_dim=128, num_heads=4, num_kv_heads=2)  # head_dim 32: the kernel runs
+    params = gpt.init_params(model, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+    mesh = make_mesh(jax.devices()[:1])
+    tokens = stream[: 3 * CHUNK + 40].copy()
+
+    def evaluate(impl, toks, **fields):
+        cfg = eval_config(**fields)
+        cfg = replace(cfg, model=replace(model, attention_impl=impl))
+        ev = Evaluator(cfg, mesh, tables, bos_id=sp.bos_id(), progress=False)
+        return ev.evaluate(put_replicated(params, mesh), toks, record=True)
+
+    fused, blocked = (evaluate(impl, tokens, eval_mode="sliding", eval_stride=16) for impl in ("fused", "blocked"))
+    assert fused.tokens_scored == blocked.tokens_scored == len(tokens) - 1
+    assert fused.bytes == blocked.bytes
+    assert abs(fused.val_loss - blocked.val_loss) <= 1e-5 and fused.val_loss != 0
+
+    q = CHUNK + 100  # inside chunk 1
+    changed = tokens.copy()
+    changed[q:] = (changed[q:].astype(np.int64) * 7 + 3) % 1000 + 8
+    a, b = (nll_by_position(evaluate("fused", t, **TTT), len(tokens)) for t in (tokens, changed))
+    np.testing.assert_array_equal(a[1:q], b[1:q])
+    assert np.all(a[2 * CHUNK + 1:] != b[2 * CHUNK + 1:])

@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -105,6 +106,8 @@ def _load() -> tuple[int, str | None]:
     try:
         lib = ctypes.cdll.LoadLibrary(str(build(compiler)))
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as err:
+        # A compiler that fails is worth a word (once): "auto" quietly keeps the slower XLA attention.
+        warnings.warn(f"golfjax: the fused CPU attention is unavailable ({err}); using XLA's attention", stacklevel=2)
         return 0, str(err)
     for name in (name for pair in TARGETS.values() for name in pair):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
