@@ -239,6 +239,20 @@ def sharded_over_layers(fn: Callable[[jax.Array], jax.Array], x: jax.Array, mesh
     return out[:layers]
 
 
+def one_matrix_at_a_time(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """`fn` of a stack of matrices, applied to one matrix after the other (`lax.map`).
+
+    On CPU each matrix's Newton-Schulz intermediates (1-2 MB) then stay in cache,
+    where a whole (9, 512, 512) stack's passes go to memory: Muon's direction of the
+    baseline's six stacks 442-449 ms instead of 572-576 on the Xeon AMX VM, with the
+    same bits (`tests/test_muon.py`)."""
+    if x.ndim < 3:
+        return fn(x)
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = lax.map(lambda m: fn(m[None])[0], flat)
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
 class ScaleByMuonState(NamedTuple):
     count: jax.Array  # int32: updates done so far; drives the momentum warmup
     momentum_buffer: optax.Updates
@@ -289,7 +303,9 @@ def scale_by_muon(
                                                        ns_rounding)
         if shard_mesh is not None:
             directions = jax.tree.map(lambda g: sharded_over_layers(direction, g, shard_mesh), inputs)
-        else:
+        elif jax.default_backend() == "cpu":
+            directions = jax.tree.map(lambda g: one_matrix_at_a_time(direction, g), inputs)
+        else:  # accelerators: the whole stack in one batched product
             directions = jax.tree.map(direction, inputs)
         return directions, ScaleByMuonState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
