@@ -53,15 +53,15 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
+// Tiles 0-7: 16 rows of 64 bytes. A constant in memory, not a stack variable filled before
+// ldtilecfg: a compiler may not see that instruction read the stores (a build whose
+// configure call sat behind a runtime branch faulted on its tile loads).
+alignas(64) constexpr TileConfig kTileConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
 void configure_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&kTileConfig);
 }
 
 bool cpu_has_amx_bf16() {
