@@ -12,7 +12,8 @@ baseline's six kernel stacks (9 layers of c_q, c_k, c_v, proj, fc, mlp proj, in
 Flax's (in, out) layout) and their sum, in both roundings; the attention's bf16 tiles
 (64-wide contraction or output) and golfjax's CPU attention forward+backward on one
 baseline layer and sequence in bf16 and float32, XLA's (`cpu_ops`) and, where the CPU
-can run it, the fused kernel's (`fused_attention`). Each is jitted alone;
+can run it, the fused kernel's (`fused_attention`), and the q/k RMSNorm + rotary +
+q_gain before it (XLA's ops and `fused_attention.norm_rotary`). Each is jitted alone;
 median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
 GFLOP/s for the matmuls.
 """
@@ -93,6 +94,8 @@ def main() -> int:
     fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
     out["attention_fwd_bwd_1x1024x8x64_bfloat16_ms"] = round(_median_ms(fwd_bwd, q, k_, v, g, repeats=args.repeats), 2)
     from golfjax.model import fused_attention
+    from golfjax.model.cpu_ops import channel_scale
+    from golfjax.model.layers import apply_partial_rotary, rms_norm, rotary_tables
 
     args_r = args.repeats
     for dtype in (jnp.bfloat16, jnp.float32):  # the fused kernel (model.attention_impl "fused"), same shapes
@@ -106,6 +109,16 @@ def main() -> int:
         fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(fused_attention.causal_attention, q, k, v)[1](g))
         out[f"fused_attention_fwd_1x1024x8x64_{name}_ms"] = round(_median_ms(fwd, *xs[:3], repeats=args_r), 2)
         out[f"fused_attention_fwd_bwd_1x1024x8x64_{name}_ms"] = round(_median_ms(fwd_bwd, *xs, repeats=args_r), 2)
+        # the q/k RMSNorm + rotary + q_gain before the attention: XLA's ops against the kernel
+        cos, sin = rotary_tables(1024, 64, 10000.0)
+        gain = jnp.ones((8,), jnp.float32)
+        xla_prep = lambda x, gain: channel_scale(jnp.broadcast_to(gain[:, None], x.shape[2:]),
+                                                 apply_partial_rotary(rms_norm(x), cos, sin))
+        kernel_prep = lambda x, gain: fused_attention.norm_rotary(x, cos, sin, gain)
+        for label, prep in (("xla", xla_prep), ("fused", kernel_prep)):
+            vjp = jax.jit(lambda x, gain, g, f=prep: jax.vjp(f, x, gain)[1](g))
+            out[f"qk_norm_rotary_fwd_bwd_1x1024x8x64_{name}_{label}_ms"] = round(
+                _median_ms(vjp, xs[0], gain, xs[3], repeats=args_r), 3)
     xla_f32 = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
     out["attention_fwd_bwd_1x1024x8x64_float32_ms"] = round(
         _median_ms(xla_f32, *(a.astype(jnp.float32) for a in (q, k_, v, g)), repeats=args_r), 2)

@@ -18,6 +18,11 @@ XLA path; only an explicit "fused" is an error there. Same arithmetic as the XLA
 path (float32 scores, softmax and accumulation; probabilities rounded to the
 input type before the value product), so the two agree to float32 rounding in
 float32 and to bf16 rounding in bf16 (tests/test_fused_attention.py).
+
+`norm_rotary` is its companion: the q/k RMSNorm, rotary and per-head gain that the
+model applies before the attention, forward and backward, in one pass each
+(faster than the XLA ops by the factors `scripts/bench_ops.py` measures,
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 F32 = jnp.float32
@@ -48,6 +54,9 @@ FEATURE_BIT = {jnp.dtype(jnp.float32): 1, jnp.dtype(jnp.bfloat16): 2}
 NEEDS = {jnp.dtype(jnp.float32): "AVX-512F", jnp.dtype(jnp.bfloat16): "AMX-BF16 with AVX512-BF16"}
 # A tiled transpose of the last two axes, float32 and 16-bit (custom_transpose below)
 TRANSPOSE_TARGETS = {jnp.dtype(jnp.float32): "golfjax_transpose_f32", jnp.dtype(jnp.bfloat16): "golfjax_transpose_16bit"}
+# q/k RMSNorm + rotary + per-head gain, forward and backward (norm_rotary below)
+NORM_ROTARY_TARGETS = {jnp.dtype(jnp.bfloat16): ("golfjax_norm_rotary_fwd_bf16", "golfjax_norm_rotary_bwd_bf16"),
+                       jnp.dtype(jnp.float32): ("golfjax_norm_rotary_fwd_f32", "golfjax_norm_rotary_bwd_f32")}
 ALIGN = 32  # head_dim and sequence length must be multiples of this
 MAX_HEAD_DIM = 512
 
@@ -111,7 +120,8 @@ def _load() -> tuple[int, str | None]:
         # A compiler that fails is worth a word (once): "auto" quietly keeps the slower XLA attention.
         warnings.warn(f"golfjax: the fused CPU attention is unavailable ({err}); using XLA's attention", stacklevel=2)
         return 0, str(err)
-    for name in [*(name for pair in TARGETS.values() for name in pair), *TRANSPOSE_TARGETS.values()]:
+    pairs = [*TARGETS.values(), *NORM_ROTARY_TARGETS.values()]
+    for name in [*(name for pair in pairs for name in pair), *TRANSPOSE_TARGETS.values()]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return int(lib.golfjax_cpu_features()), None
 
@@ -158,6 +168,49 @@ def custom_transpose(x: Array) -> Array:
     *lead, m, n = x.shape
     out = jax.ShapeDtypeStruct((*lead, n, m), x.dtype)
     return jax.ffi.ffi_call(TRANSPOSE_TARGETS[x.dtype], out, vmap_method="sequential")(x)
+
+
+def norm_rotary(x: Array, cos: Array, sin: Array, gain: Array | None = None) -> Array:
+    """gain[h] * rotary(rms_norm(x)) for x (B, T, heads, head_dim), in one pass (C++ kernel).
+
+    What the attention does to q (with q_gain) and k (no gain) before the kernel:
+    `layers.rms_norm` (eps of x's dtype), `layers.apply_partial_rotary` with
+    cos/sin (T, R/2) on the first R dims, a per-head gain. Computed in float32
+    and rounded to x's dtype once (the XLA chain rounds after each op in bf16).
+    Differentiable in x and gain; the kernels' availability is the attention's."""
+    reason = unavailable_reason(x.dtype)
+    if reason is not None:
+        raise KernelUnavailable(f"the fused q/k norm and rotary cannot run here: {reason}")
+    if x.ndim != 4 or x.shape[-1] > MAX_HEAD_DIM or cos.shape != sin.shape or cos.shape[0] != x.shape[1] \
+            or 2 * cos.shape[-1] > x.shape[-1]:
+        raise ValueError(f"norm_rotary needs x (B, T, H, D <= {MAX_HEAD_DIM}) and cos, sin (T, R/2) with R <= D; "
+                         f"got {x.shape}, {cos.shape}, {sin.shape}")
+    gain = jnp.ones(x.shape[2], F32) if gain is None else gain
+    return _norm_rotary(x, cos.astype(F32), sin.astype(F32), gain.astype(F32))
+
+
+def _norm_rotary_fwd(x, cos, sin, gain):
+    eps = np.float32(jnp.finfo(x.dtype).eps)
+    y = jax.ffi.ffi_call(NORM_ROTARY_TARGETS[x.dtype][0], jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         vmap_method="sequential")(x, cos, sin, gain, eps=eps)
+    return y, (x, cos, sin, gain)
+
+
+def _norm_rotary_bwd(res, dy):
+    x, cos, sin, gain = res
+    eps = np.float32(jnp.finfo(x.dtype).eps)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(gain.shape, F32))
+    dx, dgain = jax.ffi.ffi_call(NORM_ROTARY_TARGETS[x.dtype][1], out, vmap_method="sequential")(
+        x, cos, sin, gain, dy.astype(x.dtype), eps=eps)
+    return dx, jnp.zeros_like(cos), jnp.zeros_like(sin), dgain
+
+
+@jax.custom_vjp
+def _norm_rotary(x: Array, cos: Array, sin: Array, gain: Array) -> Array:
+    return _norm_rotary_fwd(x, cos, sin, gain)[0]
+
+
+_norm_rotary.defvjp(_norm_rotary_fwd, _norm_rotary_bwd)
 
 
 def _forward_call(q: Array, k: Array, v: Array):

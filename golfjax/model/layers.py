@@ -246,12 +246,16 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.astype(v.dtype)
         v = v.reshape(batch, seq, c.num_kv_heads, head_dim)
-        q, k = rms_norm(q), rms_norm(k)
         rd = rope_dims(c)
         cos, sin = rotary_tables(seq, rd, rope_base(c.rope_base, rd, seq, c.rope_train_seq_len))
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         q_gain = self.param("q_gain", nn.initializers.constant(c.qk_gain_init), (c.num_heads,), jnp.float32)
-        q = scale_channels(jnp.broadcast_to(q_gain[:, None], q.shape[2:]), q, c.matmul_impl)
+        if self.attention_impl == "fused" and segments is None and fused_attention.supports(q, k):
+            # The fused attention's companion: the same maths in one C++ pass each (float32 inside)
+            q, k = fused_attention.norm_rotary(q, cos, sin, q_gain), fused_attention.norm_rotary(k, cos, sin)
+        else:
+            q, k = rms_norm(q), rms_norm(k)
+            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+            q = scale_channels(jnp.broadcast_to(q_gain[:, None], q.shape[2:]), q, c.matmul_impl)
         y = attention_core(q, k, v, self.attention_impl, segments)
         if xsa:
             y = exclusive_self_attention(y, v)
