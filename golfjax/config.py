@@ -45,6 +45,8 @@ class ModelConfig:
     # kernel ("fused", golfjax.model.fused_attention: AMX for bf16, AVX-512 for
     # float32) on one device where the CPU can run it, else its blocked XLA
     # attention ("blocked", golfjax.model.cpu_ops); XLA elsewhere. Also "xla", "cudnn".
+    # "fused" also runs the q/k RMSNorm + rotary + q_gain and the blocks' RMSNorm as
+    # C++ passes (same maths in float32, rounded once).
     attention_impl: str = "auto"
     # Dense layers' matmul: "auto" is "cpu" on CPU (golfjax.model.cpu_ops.linear,
     # YNNPACK-friendly layouts and VJP) and "xla" (flax's own) elsewhere.

@@ -345,3 +345,26 @@ def test_norm_rotary_rejects_bad_shapes():
         fused_attention.norm_rotary(x, cos[:16], cos[:16])  # a table for another length
     with pytest.raises(ValueError, match="norm_rotary needs"):
         fused_attention.norm_rotary(x, jnp.zeros((32, 17)), jnp.zeros((32, 17)))  # R > D
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fused_rms_norm_matches_the_model_maths(dtype):
+    """The blocks' RMSNorm on the kernel (norm_rotary without rotary or gain), value and gradient."""
+    from golfjax.model.layers import rms_norm
+    _need_kernel(dtype)
+    x = (4.0 * jax.random.normal(jax.random.PRNGKey(5), (2, 48, 320), F32)).astype(dtype)
+    g = jax.random.normal(jax.random.PRNGKey(6), x.shape, F32).astype(dtype)
+
+    def value_and_grad(fn, x):
+        return jax.jit(fn)(x), jax.jit(jax.grad(lambda x: jnp.sum(fn(x).astype(F32) * g.astype(F32))))(x)
+
+    y, dx = value_and_grad(fused_attention.rms_norm, x)
+    y32, dx32 = value_and_grad(rms_norm, x.astype(F32))
+    assert y.shape == x.shape and y.dtype == dtype and dx.dtype == dtype
+    rel = lambda a, b: float(jnp.linalg.norm(a.astype(F32) - b) / jnp.linalg.norm(b))
+    if dtype == F32:
+        assert rel(y, y32) < 2e-6 and rel(dx, dx32) < 2e-6
+    else:
+        y_x, dx_x = value_and_grad(rms_norm, x)
+        assert rel(y, y32) <= max(rel(y_x, y32), 4e-3) and rel(dx, dx32) <= max(rel(dx_x, dx32), 4e-3)
+    assert fused_attention.supports_norm(x) and not fused_attention.supports_norm(jnp.zeros((2, 513), dtype))

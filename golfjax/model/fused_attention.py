@@ -189,6 +189,19 @@ def norm_rotary(x: Array, cos: Array, sin: Array, gain: Array | None = None) -> 
     return _norm_rotary(x, cos.astype(F32), sin.astype(F32), gain.astype(F32))
 
 
+def supports_norm(x: Array) -> bool:
+    """`rms_norm` applies: bf16 or float32 x whose last axis is at most 512 wide."""
+    return x.dtype in NORM_ROTARY_TARGETS and 0 < x.shape[-1] <= MAX_HEAD_DIM
+
+
+def rms_norm(x: Array) -> Array:
+    """`layers.rms_norm` (eps of x's dtype) over x's last axis (<= 512) as one C++ pass each way:
+    `norm_rotary` with no rotary and no gain."""
+    rows = x.reshape(1, -1, 1, x.shape[-1])
+    no_rotary = jnp.zeros((rows.shape[1], 0), F32)
+    return norm_rotary(rows, no_rotary, no_rotary).reshape(x.shape)
+
+
 def _norm_rotary_fwd(x, cos, sin, gain):
     eps = np.float32(jnp.finfo(x.dtype).eps)
     y = jax.ffi.ffi_call(NORM_ROTARY_TARGETS[x.dtype][0], jax.ShapeDtypeStruct(x.shape, x.dtype),

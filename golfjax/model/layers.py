@@ -342,11 +342,14 @@ class Block(nn.Module):
         attn = CausalSelfAttention(c, self.dtype, self.attention_impl, name="attn")
         mlp = MLP(c.model_dim, int(c.mlp_mult * c.model_dim), self.dtype, c.mlp_act, c.ortho_init, c.matmul_impl,
                   name="mlp")
+        base_norm = rms_norm
+        if self.attention_impl == "fused" and fused_attention.supports_norm(x0):
+            base_norm = fused_attention.rms_norm
         if c.ln_scale:
             s = jax.lax.rsqrt(jnp.asarray(layer, jnp.float32) + 1.0).astype(x0.dtype)
-            norm = lambda h: rms_norm(h) * s
+            norm = lambda h: base_norm(h) * s
         else:
-            norm = rms_norm
+            norm = base_norm
         sub_attn = lambda h: attn(norm(h), xsa=xsa, ve=ve, segments=segments)
         if mode == LANES:
             lane0, lane1 = x
