@@ -13,7 +13,8 @@ Flax's (in, out) layout) and their sum, in both roundings; the attention's bf16 
 (64-wide contraction or output) and golfjax's CPU attention forward+backward on one
 baseline layer and sequence in bf16 and float32, XLA's (`cpu_ops`) and, where the CPU
 can run it, the fused kernel's (`fused_attention`), and the q/k RMSNorm + rotary +
-q_gain before it (XLA's ops and `fused_attention.norm_rotary`). Each is jitted alone;
+q_gain before it and a block's RMSNorm (XLA's ops and the kernels of
+`fused_attention.norm_rotary` / `rms_norm`). Each is jitted alone;
 median of --repeats calls after a warm-up. Prints one JSON line: ms per op, and
 GFLOP/s for the matmuls.
 """
@@ -119,6 +120,12 @@ def main() -> int:
             vjp = jax.jit(lambda x, gain, g, f=prep: jax.vjp(f, x, gain)[1](g))
             out[f"qk_norm_rotary_fwd_bwd_1x1024x8x64_{name}_{label}_ms"] = round(
                 _median_ms(vjp, xs[0], gain, xs[3], repeats=args_r), 3)
+        # a block's RMSNorm of the residual stream (one micro-batch: 1,024 x 512)
+        h = xs[0].reshape(1, 1024, 512)
+        for label, norm in (("xla", rms_norm), ("fused", fused_attention.rms_norm)):
+            vjp = jax.jit(lambda h, g, f=norm: jax.vjp(f, h)[1](g))
+            out[f"block_rms_norm_fwd_bwd_1x1024x512_{name}_{label}_ms"] = round(
+                _median_ms(vjp, h, xs[3].reshape(h.shape), repeats=args_r), 3)
     xla_f32 = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
     out["attention_fwd_bwd_1x1024x8x64_float32_ms"] = round(
         _median_ms(xla_f32, *(a.astype(jnp.float32) for a in (q, k_, v, g)), repeats=args_r), 2)
