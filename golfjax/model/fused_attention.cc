@@ -141,11 +141,12 @@ void pack_pairs(const bf16* x, int ld, int rows, int cols, bf16* out) {
 
 // x (rows x cols, row stride ld) as the pair layout of x^T (B = x^T, cols x rows):
 // the pairs are adjacent elements of a row of x, so this is a 32-bit transpose.
-void pack_pairs_transposed(const bf16* x, int ld, int rows, int cols, bf16* out) {
+// ld_out: the pair layout's row stride in columns (pair rows are 2 * ld_out apart).
+void pack_pairs_transposed(const bf16* x, int ld, int rows, int cols, bf16* out, int ld_out) {
   const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
   uint32_t* o32 = reinterpret_cast<uint32_t*>(out);
   for (int c = 0; c < cols / 2; ++c)
-    for (int r = 0; r < rows; ++r) o32[c * rows + r] = x32[r * (ld / 2) + c];
+    for (int r = 0; r < rows; ++r) o32[size_t(c) * ld_out + r] = x32[r * (ld / 2) + c];
 }
 
 // x^T (cols x rows) of x (rows x cols, row stride ld).
@@ -234,6 +235,11 @@ void interleave_row_pair(const bf16* x0, const bf16* x1, int width, bf16* out) {
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// Row stride of a transposed (D x T) K or V and of the dK^T / dV^T accumulators: T plus 16
+// elements, so that a product's walk down their rows does not stay in one L1 set (T = 1,024
+// is a 4 KiB stride in float32 and in bf16 pairs).
+inline int padded(int t) { return t + 16; }
+
 // ---------------------------------------------------------------- one (batch, KV head)
 
 // The arrays in the model's layout: q, o, dq (B, T, H, D); k, v, dk, dv (B, T, KV, D);
@@ -289,13 +295,13 @@ void scatter_rows(const Unit& u, const float* x, int r0, int n, float scale, bf1
   }
 }
 
-// A float32 (D x T) accumulator, transposed and rounded, into a (B, T, KV, D) bf16 array.
-void scatter_keys_transposed(const Unit& u, const float* xt, bf16* out) {
+// A float32 (D x T, row stride ld) accumulator, transposed and rounded, into a (B, T, KV, D) bf16 array.
+void scatter_keys_transposed(const Unit& u, const float* xt, int ld, bf16* out) {
   const int T = u.sh.seq, D = u.sh.dim;
   bf16* base = out + u.key_offset();
   alignas(64) float row[512];
   for (int t = 0; t < T; ++t) {
-    for (int d = 0; d < D; ++d) row[d] = xt[size_t(d) * T + t];
+    for (int d = 0; d < D; ++d) row[d] = xt[size_t(d) * ld + t];
     bf16* dst = base + size_t(t) * u.key_stride();
     for (int d = 0; d < D; d += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(_mm512_load_ps(row + d)));
@@ -325,16 +331,17 @@ void forward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, bf
   const Shape& sh = u.sh;
   const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
   Workspace& ws = workspace();
-  bf16 *kt = sized(ws.kt, T * D), *vp = sized(ws.kp, T * D), *qb = sized(ws.qb, B * D), *p = sized(ws.p, B * T);
+  const int ldt = padded(T);
+  bf16 *kt = sized(ws.kt, ldt * D), *vp = sized(ws.kp, T * D), *qb = sized(ws.qb, B * D), *p = sized(ws.p, B * T);
   float *s = sized(ws.s, B * T), *acc = sized(ws.acc, B * D);
-  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt);  // B = K^T (D x T)
+  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt, ldt);  // B = K^T (D x T)
   pack_pairs(v + u.key_offset(), u.key_stride(), T, D, vp);             // B = V (T x D)
   row_max += u.stat_offset();
   row_inv += u.stat_offset();
   for (int r0 = 0; r0 < sh.rows(); r0 += B) {
     const int keys = sh.keys_for(r0);
     gather_rows(u, q, r0, B, sh.scale(), qb);
-    matmul(qb, D, kt, T, s, keys, B, keys, D, false);
+    matmul(qb, D, kt, ldt, s, keys, B, keys, D, false);
     for (int i = 0; i < B; ++i) {
       const int r = r0 + i;
       softmax_row(s + i * keys, r / G + 1, keys, p + i * keys, row_max + r, row_inv + r);
@@ -349,16 +356,17 @@ void backward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, c
   const Shape& sh = u.sh;
   const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
   Workspace& ws = workspace();
-  bf16 *kt = sized(ws.kt, T * D), *vt = sized(ws.vt, T * D), *kp = sized(ws.kp, T * D);
+  const int ldt = padded(T);
+  bf16 *kt = sized(ws.kt, ldt * D), *vt = sized(ws.vt, ldt * D), *kp = sized(ws.kp, T * D);
   bf16 *qb = sized(ws.qb, B * D), *dob = sized(ws.dob, B * D), *ob = sized(ws.ob, B * D);
   bf16 *p = sized(ws.p, B * T), *ds = sized(ws.ds, B * T), *p_pairs = sized(ws.p_pairs, B * T);
   bf16 *ds_pairs = sized(ws.ds_pairs, B * T), *qt = sized(ws.qt, D * B), *dot_ = sized(ws.dot, D * B);
   float *s = sized(ws.s, B * T), *dp = sized(ws.dp, B * T), *dqb = sized(ws.acc, B * D);
-  float *dkt = sized(ws.dkt, size_t(D) * T), *dvt = sized(ws.dvt, size_t(D) * T);
-  std::fill(dkt, dkt + size_t(D) * T, 0.0f);
-  std::fill(dvt, dvt + size_t(D) * T, 0.0f);
-  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt);  // B = K^T, for the scores
-  pack_pairs_transposed(v + u.key_offset(), u.key_stride(), T, D, vt);  // B = V^T, for dP = dO V^T
+  float *dkt = sized(ws.dkt, size_t(D) * ldt), *dvt = sized(ws.dvt, size_t(D) * ldt);
+  std::fill(dkt, dkt + size_t(D) * ldt, 0.0f);
+  std::fill(dvt, dvt + size_t(D) * ldt, 0.0f);
+  pack_pairs_transposed(k + u.key_offset(), u.key_stride(), T, D, kt, ldt);  // B = K^T, for the scores
+  pack_pairs_transposed(v + u.key_offset(), u.key_stride(), T, D, vt, ldt);  // B = V^T, for dP = dO V^T
   pack_pairs(k + u.key_offset(), u.key_stride(), T, D, kp);             // B = K, for dQ = dS K
   row_max += u.stat_offset();
   row_inv += u.stat_offset();
@@ -367,8 +375,8 @@ void backward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, c
     gather_rows(u, q, r0, B, sh.scale(), qb);
     gather_rows(u, dout, r0, B, 1.0f, dob);
     gather_rows(u, o, r0, B, 1.0f, ob);
-    matmul(qb, D, kt, T, s, keys, B, keys, D, false);
-    matmul(dob, D, vt, T, dp, keys, B, keys, D, false);
+    matmul(qb, D, kt, ldt, s, keys, B, keys, D, false);
+    matmul(dob, D, vt, ldt, dp, keys, B, keys, D, false);
     for (int i = 0; i < B; ++i) {
       const int r = r0 + i, n = r / G + 1;
       bf16* pi = p + i * keys;
@@ -393,11 +401,11 @@ void backward_unit(const Unit& u, const bf16* q, const bf16* k, const bf16* v, c
     scatter_rows(u, dqb, r0, B, sh.scale(), dq);
     transpose(qb, D, B, D, qt);
     transpose(dob, D, B, D, dot_);
-    matmul(qt, B, ds_pairs, keys, dkt, T, D, keys, B, true);   // dK^T += Q^T dS
-    matmul(dot_, B, p_pairs, keys, dvt, T, D, keys, B, true);  // dV^T += dO^T P
+    matmul(qt, B, ds_pairs, keys, dkt, ldt, D, keys, B, true);   // dK^T += Q^T dS
+    matmul(dot_, B, p_pairs, keys, dvt, ldt, D, keys, B, true);  // dV^T += dO^T P
   }
-  scatter_keys_transposed(u, dkt, dk);
-  scatter_keys_transposed(u, dvt, dv);
+  scatter_keys_transposed(u, dkt, ldt, dk);
+  scatter_keys_transposed(u, dvt, ldt, dv);
 }
 
 // ---------------------------------------------------------------- float32 (AVX-512)
@@ -432,11 +440,12 @@ void matmul_f32(const float* a, int lda, const float* b, int ldb, float* c, int 
   }
 }
 
-// x (rows x cols, row stride ld) transposed into out (cols x rows).
-void transpose_f32(const float* x, int ld, int rows, int cols, float* out) {
+// x (rows x cols, row stride ld) transposed into out (cols x rows, row stride ld_out).
+void transpose_f32(const float* x, int ld, int rows, int cols, float* out, int ld_out) {
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[c * rows + r] = x[r * ld + c];
+    for (int c = 0; c < cols; ++c) out[c * ld_out + r] = x[r * ld + c];
 }
+
 
 // Probabilities of one float32 score row, in place: row max, exp, sum, normalise.
 void softmax_row_f32(float* s, int n, int width, float* max_out, float* inv_out) {
@@ -493,16 +502,17 @@ void forward_unit_f32(const Unit& u, const float* q, const float* k, const float
   const Shape& sh = u.sh;
   const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
   WorkspaceF32& ws = workspace_f32();
-  float *kt = sized(ws.kt, size_t(T) * D), *qb = sized(ws.qb, B * D), *s = sized(ws.s, size_t(B) * T);
+  const int ldt = padded(T);
+  float *kt = sized(ws.kt, size_t(ldt) * D), *qb = sized(ws.qb, B * D), *s = sized(ws.s, size_t(B) * T);
   float* acc = sized(ws.acc, B * D);
-  transpose_f32(k + u.key_offset(), u.key_stride(), T, D, kt);  // K^T (D x T)
+  transpose_f32(k + u.key_offset(), u.key_stride(), T, D, kt, ldt);  // K^T (D x T)
   const float* vu = v + u.key_offset();
   row_max += u.stat_offset();
   row_inv += u.stat_offset();
   for (int r0 = 0; r0 < sh.rows(); r0 += B) {
     const int keys = sh.keys_for(r0);
     gather_rows_f32(u, q, r0, B, sh.scale(), qb);
-    matmul_f32<false>(qb, D, kt, T, s, keys, B, keys, D, false);
+    matmul_f32<false>(qb, D, kt, ldt, s, keys, B, keys, D, false);
     for (int i = 0; i < B; ++i) {
       const int r = r0 + i;
       softmax_row_f32(s + i * keys, r / G + 1, keys, row_max + r, row_inv + r);
@@ -518,15 +528,16 @@ void backward_unit_f32(const Unit& u, const float* q, const float* k, const floa
   const Shape& sh = u.sh;
   const int T = sh.seq, D = sh.dim, G = sh.group(), B = sh.block();
   WorkspaceF32& ws = workspace_f32();
-  float *kt = sized(ws.kt, size_t(T) * D), *vt = sized(ws.vt, size_t(T) * D);
+  const int ldt = padded(T);
+  float *kt = sized(ws.kt, size_t(ldt) * D), *vt = sized(ws.vt, size_t(ldt) * D);
   float *qb = sized(ws.qb, B * D), *dob = sized(ws.dob, B * D), *ob = sized(ws.ob, B * D);
   float *s = sized(ws.s, size_t(B) * T), *dp = sized(ws.dp, size_t(B) * T), *dqb = sized(ws.acc, B * D);
   float *dka = sized(ws.dk, size_t(T) * D), *dva = sized(ws.dv, size_t(T) * D);
   std::fill(dka, dka + size_t(T) * D, 0.0f);
   std::fill(dva, dva + size_t(T) * D, 0.0f);
   const float* ku = k + u.key_offset();
-  transpose_f32(ku, u.key_stride(), T, D, kt);                       // K^T, for the scores
-  transpose_f32(v + u.key_offset(), u.key_stride(), T, D, vt);       // V^T, for dP = dO V^T
+  transpose_f32(ku, u.key_stride(), T, D, kt, ldt);                  // K^T, for the scores
+  transpose_f32(v + u.key_offset(), u.key_stride(), T, D, vt, ldt);  // V^T, for dP = dO V^T
   row_max += u.stat_offset();
   row_inv += u.stat_offset();
   for (int r0 = 0; r0 < sh.rows(); r0 += B) {
@@ -534,8 +545,8 @@ void backward_unit_f32(const Unit& u, const float* q, const float* k, const floa
     gather_rows_f32(u, q, r0, B, sh.scale(), qb);
     gather_rows_f32(u, dout, r0, B, 1.0f, dob);
     gather_rows_f32(u, o, r0, B, 1.0f, ob);
-    matmul_f32<false>(qb, D, kt, T, s, keys, B, keys, D, false);
-    matmul_f32<false>(dob, D, vt, T, dp, keys, B, keys, D, false);
+    matmul_f32<false>(qb, D, kt, ldt, s, keys, B, keys, D, false);
+    matmul_f32<false>(dob, D, vt, ldt, dp, keys, B, keys, D, false);
     for (int i = 0; i < B; ++i) {
       const int r = r0 + i, n = r / G + 1;
       float* si = s + i * keys;  // scores, then probabilities
