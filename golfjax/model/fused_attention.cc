@@ -867,81 +867,31 @@ extern "C" int golfjax_cpu_features() {
   return features;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_bf16, forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+// The handlers' signatures. Attention forward: q, k, v -> o, row max, row inverse sum;
+// backward: q, k, v, o, dO, row max, row inverse sum -> dq, dk, dv.
+#define GOLFJAX_ARGS3 .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+#define GOLFJAX_RETS3 .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+#define GOLFJAX_ATTENTION_FWD ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() GOLFJAX_ARGS3 GOLFJAX_RETS3
+#define GOLFJAX_ATTENTION_BWD \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() GOLFJAX_ARGS3 GOLFJAX_ARGS3.Arg<ffi::AnyBuffer>() GOLFJAX_RETS3
+// norm_rotary forward: x, cos, sin, gain -> y; backward: x, cos, sin, gain, dy -> dx, dgain
+#define GOLFJAX_NORM_ROTARY_FWD \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() GOLFJAX_ARGS3.Arg<ffi::AnyBuffer>().Attr<float>("eps").Ret<ffi::AnyBuffer>()
+#define GOLFJAX_NORM_ROTARY_BWD                                                                            \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() GOLFJAX_ARGS3.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<float>( \
+      "eps").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_bf16, backward_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_bf16, forward_impl, GOLFJAX_ATTENTION_FWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_bf16, backward_impl, GOLFJAX_ATTENTION_BWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_f32, forward_f32_impl, GOLFJAX_ATTENTION_FWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_f32, backward_f32_impl, GOLFJAX_ATTENTION_BWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_fwd_bf16, norm_rotary_forward_impl<bf16>, GOLFJAX_NORM_ROTARY_FWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_bwd_bf16, norm_rotary_backward_impl<bf16>, GOLFJAX_NORM_ROTARY_BWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_fwd_f32, norm_rotary_forward_impl<float>, GOLFJAX_NORM_ROTARY_FWD);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_bwd_f32, norm_rotary_backward_impl<float>, GOLFJAX_NORM_ROTARY_BWD);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_fwd_f32, forward_f32_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+// transpose: x -> x with its last two axes swapped
+#define GOLFJAX_TRANSPOSE ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_attention_bwd_f32, backward_f32_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_transpose_f32, transpose_impl<float>,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_transpose_16bit, transpose_impl<uint16_t>,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-
-#define GOLFJAX_NORM_ROTARY(NAME, T)                                                                           \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_fwd_##NAME, norm_rotary_forward_impl<T>,                    \
-                                ffi::Ffi::Bind()                                                               \
-                                    .Ctx<ffi::ThreadPool>()                                                    \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Attr<float>("eps")                                                        \
-                                    .Ret<ffi::AnyBuffer>());                                                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_norm_rotary_bwd_##NAME, norm_rotary_backward_impl<T>,                   \
-                                ffi::Ffi::Bind()                                                               \
-                                    .Ctx<ffi::ThreadPool>()                                                    \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Arg<ffi::AnyBuffer>()                                                     \
-                                    .Attr<float>("eps")                                                        \
-                                    .Ret<ffi::AnyBuffer>()                                                     \
-                                    .Ret<ffi::AnyBuffer>());
-
-GOLFJAX_NORM_ROTARY(bf16, bf16)
-GOLFJAX_NORM_ROTARY(f32, float)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_transpose_f32, transpose_impl<float>, GOLFJAX_TRANSPOSE);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(golfjax_transpose_16bit, transpose_impl<uint16_t>, GOLFJAX_TRANSPOSE);
