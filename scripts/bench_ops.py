@@ -95,8 +95,7 @@ def main() -> int:
     fwd_bwd = jax.jit(lambda q, k, v, g: jax.vjp(causal_attention, q, k, v)[1](g))
     out["attention_fwd_bwd_1x1024x8x64_bfloat16_ms"] = round(_median_ms(fwd_bwd, q, k_, v, g, repeats=args.repeats), 2)
     from golfjax.model import fused_attention
-    from golfjax.model.cpu_ops import channel_scale
-    from golfjax.model.layers import apply_partial_rotary, rms_norm, rotary_tables
+    from golfjax.model.layers import qk_norm_rotary, rms_norm, rotary_tables
 
     args_r = args.repeats
     for dtype in (jnp.bfloat16, jnp.float32):  # the fused kernel (model.attention_impl "fused"), same shapes
@@ -113,8 +112,7 @@ def main() -> int:
         # the q/k RMSNorm + rotary + q_gain before the attention: XLA's ops against the kernel
         cos, sin = rotary_tables(1024, 64, 10000.0)
         gain = jnp.ones((8,), jnp.float32)
-        xla_prep = lambda x, gain: channel_scale(jnp.broadcast_to(gain[:, None], x.shape[2:]),
-                                                 apply_partial_rotary(rms_norm(x), cos, sin))
+        xla_prep = lambda x, gain: qk_norm_rotary(x, cos, sin, gain, "cpu")
         kernel_prep = lambda x, gain: fused_attention.norm_rotary(x, cos, sin, gain)
         for label, prep in (("xla", xla_prep), ("fused", kernel_prep)):
             vjp = jax.jit(lambda x, gain, g, f=prep: jax.vjp(f, x, gain)[1](g))

@@ -15,7 +15,7 @@ import pytest
 
 from golfjax.config import Config
 from golfjax.model import cpu_ops, fused_attention, gpt
-from golfjax.model.layers import attention_core
+from golfjax.model.layers import attention_core, qk_norm_rotary
 from tests.test_eval_sliding import setup  # noqa: F401  (session fixture: tokenizer, tables, documents)
 
 F32 = jnp.float32
@@ -296,11 +296,6 @@ def test_custom_transpose_and_the_weight_gradient_that_uses_it(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _norm_rotary_xla(x, cos, sin, gain):
-    from golfjax.model.layers import apply_partial_rotary, rms_norm
-    return apply_partial_rotary(rms_norm(x), cos, sin) * gain[:, None].astype(x.dtype)
-
-
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("shape", [(2, 64, 4, 64, 64), (1, 96, 3, 32, 16), (1, 64, 2, 128, 96)])
 def test_norm_rotary_matches_the_model_maths(dtype, shape):
@@ -320,14 +315,14 @@ def test_norm_rotary_matches_the_model_maths(dtype, shape):
         return jax.jit(fn)(x, cos, sin, gain), jax.jit(jax.grad(loss, argnums=(0, 1)))(x, gain)
 
     (y, (dx, dgain)) = value_and_grads(fused_attention.norm_rotary, x)
-    (y32, (dx32, dgain32)) = value_and_grads(_norm_rotary_xla, x.astype(F32))
+    (y32, (dx32, dgain32)) = value_and_grads(qk_norm_rotary, x.astype(F32))
     assert y.dtype == dtype and dx.dtype == dtype and dgain.dtype == F32
     rel = lambda a, b: float(jnp.linalg.norm(a.astype(F32) - b) / jnp.linalg.norm(b))
     if dtype == F32:
         for a, b in ((y, y32), (dx, dx32), (dgain, dgain32)):
             assert rel(a, b) < 2e-6
     else:
-        y_x, (dx_x, dgain_x) = value_and_grads(_norm_rotary_xla, x)
+        y_x, (dx_x, dgain_x) = value_and_grads(qk_norm_rotary, x)
         for ours, xla, exact in ((y, y_x, y32), (dx, dx_x, dx32), (dgain, dgain_x, dgain32)):
             assert rel(ours, exact) <= max(rel(xla, exact), 4e-3)
     # the rotary really acts: at a later position the same row comes out turned

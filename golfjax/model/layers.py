@@ -61,6 +61,15 @@ def apply_partial_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate((apply_rotary(x[..., :rot], cos, sin), x[..., rot:]), axis=-1)
 
 
+def qk_norm_rotary(x: Array, cos: Array, sin: Array, gain: Array | None = None, matmul_impl: str = "xla") -> Array:
+    """What the attention does to q (gain = q_gain) and k (no gain) as XLA ops: RMSNorm,
+    (partial) rotary, per-head gain. `fused_attention.norm_rotary` is the same in one C++ pass."""
+    x = apply_partial_rotary(rms_norm(x), cos, sin)
+    if gain is None:
+        return x
+    return scale_channels(jnp.broadcast_to(gain[:, None], x.shape[2:]), x, matmul_impl)
+
+
 def torch_linear_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for an (in, out) kernel."""
     bound = 1.0 / jnp.sqrt(shape[0])
@@ -174,6 +183,11 @@ def document_segments(tokens: Array, bos_id: int) -> Array:
     return jnp.cumsum((tokens == bos_id).astype(jnp.int32), axis=-1)
 
 
+def fused_kernel_applies(implementation: str | None, q: Array, k: Array, segments: Array | None) -> bool:
+    """Whether "fused" runs the C++ kernels for these q, k (no document mask, shapes it takes)."""
+    return implementation == "fused" and segments is None and fused_attention.supports(q, k)
+
+
 def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
                    segments: Array | None = None) -> Array:
     """Causal GQA attention on (B, T, heads, head_dim); kv heads are shared natively.
@@ -187,7 +201,7 @@ def attention_core(q: Array, k: Array, v: Array, implementation: str | None,
     (B,1,T,T) mask, on XLA).
     """
     if implementation == "fused":
-        if segments is None and fused_attention.supports(q, k):
+        if fused_kernel_applies(implementation, q, k, segments):
             return fused_attention.causal_attention(q, k, v)
         implementation = "blocked"
     if implementation == "blocked":
@@ -249,13 +263,11 @@ class CausalSelfAttention(nn.Module):
         rd = rope_dims(c)
         cos, sin = rotary_tables(seq, rd, rope_base(c.rope_base, rd, seq, c.rope_train_seq_len))
         q_gain = self.param("q_gain", nn.initializers.constant(c.qk_gain_init), (c.num_heads,), jnp.float32)
-        if self.attention_impl == "fused" and segments is None and fused_attention.supports(q, k):
+        if fused_kernel_applies(self.attention_impl, q, k, segments):
             # The fused attention's companion: the same maths in one C++ pass each (float32 inside)
             q, k = fused_attention.norm_rotary(q, cos, sin, q_gain), fused_attention.norm_rotary(k, cos, sin)
         else:
-            q, k = rms_norm(q), rms_norm(k)
-            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
-            q = scale_channels(jnp.broadcast_to(q_gain[:, None], q.shape[2:]), q, c.matmul_impl)
+            q, k = qk_norm_rotary(q, cos, sin, q_gain, c.matmul_impl), qk_norm_rotary(k, cos, sin)
         y = attention_core(q, k, v, self.attention_impl, segments)
         if xsa:
             y = exclusive_self_attention(y, v)
