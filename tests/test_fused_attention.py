@@ -117,16 +117,21 @@ def test_kernel_under_vmap_and_scan():
     np.testing.assert_array_equal(np.asarray(direct), np.asarray(scanned))
 
 
-def test_model_with_fused_attention_matches_blocked():
-    """A bf16 model: loss and every gradient with the kernel agree with golfjax's XLA attention."""
-    _need_kernel()
+def _model_fused_and_blocked(compute_dtype: str):
+    """Loss and gradients of a small model with attention_impl "fused" and "blocked"."""
     cfg = replace(Config().model, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=64,
-                  compute_dtype="bfloat16")
+                  compute_dtype=compute_dtype)
     params = gpt.init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
     x = jax.random.randint(jax.random.PRNGKey(3), (2, 64), 0, 64)
     run = lambda c: jax.jit(jax.value_and_grad(lambda p: gpt.loss(p, c, x, x)))(params)
-    (l_fused, g_fused), (l_blk, g_blk) = run(replace(cfg, attention_impl="fused")), run(replace(cfg, attention_impl="blocked"))
+    return run(replace(cfg, attention_impl="fused")), run(replace(cfg, attention_impl="blocked"))
+
+
+def test_model_with_fused_attention_matches_blocked():
+    """A bf16 model: loss and every gradient with the kernel agree with golfjax's XLA attention."""
+    _need_kernel()
+    (l_fused, g_fused), (l_blk, g_blk) = _model_fused_and_blocked("bfloat16")
     assert abs(float(l_fused) - float(l_blk)) <= 2e-3 * abs(float(l_blk))
     for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_blk)):
         a, b = np.asarray(a), np.asarray(b)
@@ -206,13 +211,7 @@ def test_float32_kernel_is_causal():
 
 def test_float32_model_with_fused_attention_matches_blocked():
     _need_kernel(F32)
-    cfg = replace(Config().model, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=64,
-                  compute_dtype="float32")
-    params = gpt.init_params(cfg, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)
-    x = jax.random.randint(jax.random.PRNGKey(3), (2, 64), 0, 64)
-    run = lambda c: jax.jit(jax.value_and_grad(lambda p: gpt.loss(p, c, x, x)))(params)
-    (l_f, g_f), (l_b, g_b) = run(replace(cfg, attention_impl="fused")), run(replace(cfg, attention_impl="blocked"))
+    (l_f, g_f), (l_b, g_b) = _model_fused_and_blocked("float32")
     assert abs(float(l_f) - float(l_b)) <= 1e-5
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_b)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
