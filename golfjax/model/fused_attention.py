@@ -20,8 +20,9 @@ input type before the value product), so the two agree to float32 rounding in
 float32 and to bf16 rounding in bf16 (tests/test_fused_attention.py).
 
 `norm_rotary` is its companion: the q/k RMSNorm, rotary and per-head gain that the
-model applies before the attention, forward and backward, in one pass each
-(faster than the XLA ops by the factors `scripts/bench_ops.py` measures,
+model applies before the attention (`layers.qk_norm_rotary`), forward and backward, in
+one pass each; `rms_norm` is the same kernel without rotary or gain, for the blocks'
+RMSNorm (faster than the XLA ops by the factors `scripts/bench_ops.py` measures,
 docs/BENCHMARKS.md).
 """
 
