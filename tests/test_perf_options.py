@@ -44,7 +44,7 @@ def test_cpu_attention_equals_xla(impl):
         else:  # one document per row: the mask path must equal plain causal attention
             seg = jnp.ones((2, seq), jnp.int32)
             ours = lambda q, k, v: blocked_causal_attention(q, k, v, block, segments=seg)
-        np.testing.assert_allclose(ours(q, k, v), _xla_attention(q, k, v), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(_xla_attention)(q, k, v), rtol=0, atol=1e-6)
         grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2)))(q, k, v)
         for name, a, b in zip("qkv", grad(ours), grad(_xla_attention)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"d{name} {(seq, heads, kv, block)}")
@@ -52,11 +52,11 @@ def test_cpu_attention_equals_xla(impl):
 
 def test_cpu_attention_bfloat16_close_to_xla():
     q, k, v, g = (a.astype(jnp.bfloat16) for a in _qkvg(48, 4, 2, dim=16, batch=1, seed=1))
-    ours = cpu_ops.causal_attention(q, k, v, 16)
-    ref = _xla_attention(q, k, v)
+    ours = jax.jit(lambda *a: cpu_ops.causal_attention(*a, 16))(q, k, v)
+    ref = jax.jit(_xla_attention)(q, k, v)
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(ours), np.float32(ref), rtol=0, atol=2e-2)
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2))(q, k, v)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(grad(lambda *a: cpu_ops.causal_attention(*a, 16)), grad(_xla_attention)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=0, atol=0.1)
