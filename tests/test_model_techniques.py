@@ -206,6 +206,39 @@ def test_orthogonal_init_of_large_matrices():
     assert not p["blocks"]["attn"]["proj"]["kernel"].any()  # zero-init projections stay zero
 
 
+ORTHO_INIT_IN_A_TWO_THREAD_PROCESS = """
+import os
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # XLA:CPU sizes its pool from this
+from dataclasses import replace
+import jax
+from golfjax.config import Config
+from golfjax.model import gpt
+cfg = replace(Config().model, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, vocab_size=64,
+              ortho_init=True, compute_dtype="float32")
+for seed in range(3):
+    jax.block_until_ready(gpt.init_params(cfg, jax.random.PRNGKey(seed)))
+print("initialised")
+"""
+
+
+def test_orthogonal_init_of_a_layer_stack_finishes_on_two_threads():
+    """Regression: the layers' orthogonal inits as one batched QR each (vmap) ran as
+    LAPACK kernels that wait on XLA:CPU's thread pool for their batch items; two at
+    once on a 2-thread pool waited on each other forever (3 of 3 runs hung)."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        # one CPU device: with the suite's 8 virtual devices XLA's pool has room and never hung
+        env = dict(os.environ, XLA_FLAGS="")
+        out = subprocess.run([sys.executable, "-c", ORTHO_INIT_IN_A_TWO_THREAD_PROCESS], capture_output=True,
+                             text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("init_params with ortho_init did not finish in 240 s (deadlock)")
+    assert out.returncode == 0 and "initialised" in out.stdout, out.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- blocks
 
 
