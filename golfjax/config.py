@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import numbers
 import os
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -501,8 +502,32 @@ def resolve(
     return config, used
 
 
+def _has_field_type(value: Any, typ: type) -> bool:
+    """Lenient where Python is: any integer for int (NumPy's too), any real number for
+    float, 0/1 for bool; str only for str."""
+    if typ is bool:
+        return isinstance(value, numbers.Integral) and value in (0, 1)
+    if typ is int:
+        return isinstance(value, numbers.Integral)
+    if typ is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, typ)
+
+
+def validate_types(config: Config) -> None:
+    """A config file is Python, so a field can hold anything: name the field whose value
+    has the wrong type here, before it fails deep inside the model or the data."""
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for name, typ in _field_types(_section_class(section)).items():
+            value = getattr(values, name)
+            if not _has_field_type(value, typ):
+                raise ConfigError(f"{section}.{name} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
 def validate(config: Config) -> None:
-    """Reject shapes the model cannot build, with the reason."""
+    """Reject wrong types and shapes the model cannot build, with the reason."""
+    validate_types(config)
     m, t = config.model, config.train
     if m.model_dim % m.num_heads:
         raise ConfigError(f"model_dim={m.model_dim} must be divisible by num_heads={m.num_heads}")

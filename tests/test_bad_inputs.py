@@ -76,6 +76,10 @@ def work(tmp_path_factory) -> dict[str, Path]:
     paths["a_directory"].mkdir()
     paths["a_file"] = root / "a_file"
     paths["a_file"].write_text("not a directory\n")
+    paths["typo_config"] = root / "typo_config.py"
+    paths["typo_config"].write_text("from dataclasses import replace\nfrom golfjax.config import Config\n\n\n"
+                                    "def get_config():\n    c = Config()\n"
+                                    "    return replace(c, model=replace(c.model, ve_layers=[7, 8]))\n")
     paths["resumable"], paths["halfsaved"] = _checkpointed_runs(root, paths)
     return paths
 
@@ -148,6 +152,8 @@ CASES = [
     ("bad_env_value", BASE, {"NUM_LAYERS": "abc"}, 2, "error: environment NUM_LAYERS: cannot read 'abc' as int"),
     ("missing_config_file", ["train.py", "--config", "configs/no_such_config.py"], {}, 2,
      "error: config file not found: configs/no_such_config.py"),
+    ("config_field_of_the_wrong_type", ["train.py", "--config", "{typo_config}"], {}, 2,
+     "error: model.ve_layers must be str, got list [7, 8]"),
     ("no_config_given", ["train.py"], {}, 2,
      "error: --config FILE is required to start a run (configs/smoke.py, configs/baseline.py, ...); "
      "to continue one, pass --run-dir DIR --resume"),

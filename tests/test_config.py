@@ -289,6 +289,31 @@ def test_validate_rejects_impossible_shapes(env, message):
         resolve(None, [], environ=env)
 
 
+@pytest.mark.parametrize("section, name, value, message", [
+    ("model", "ve_layers", [7, 8], "model.ve_layers must be str, got list \\[7, 8\\]"),
+    ("optim", "matrix_lr", "0.04", "optim.matrix_lr must be float, got str '0.04'"),
+    ("train", "iterations", 2.5, "train.iterations must be int, got float 2.5"),
+    ("model", "tie_embeddings", "yes", "model.tie_embeddings must be bool, got str 'yes'"),
+    ("model", "tie_embeddings", 2, "model.tie_embeddings must be bool, got int 2"),
+])
+def test_validate_names_a_field_of_the_wrong_type(tmp_path, section, name, value, message):
+    """A config file is Python: a wrong type is a ConfigError naming the field, not a traceback later."""
+    path = tmp_path / "typo.py"
+    path.write_text("from dataclasses import replace\nfrom golfjax.config import Config\n\n\ndef get_config():\n"
+                    f"    c = Config()\n    return replace(c, {section}=replace(c.{section}, {name}={value!r}))\n")
+    with pytest.raises(ConfigError, match=message):
+        resolve(path, [], environ={})
+
+
+def test_validate_accepts_numbers_of_other_kinds():
+    """An int for a float, NumPy integers and 0/1 for a bool are what the file meant."""
+    import numpy as np
+
+    c = Config()
+    validate(replace(c, optim=replace(c.optim, matrix_lr=1), train=replace(c.train, iterations=np.int64(5)),
+                     model=replace(c.model, tie_embeddings=1)))
+
+
 def test_validate_rejects_an_unknown_compute_dtype():
     with pytest.raises(ConfigError, match="compute_dtype must be auto/float32/bfloat16/float16, got 'int8'"):
         resolve(None, ["model.compute_dtype=int8"], environ={})
