@@ -130,6 +130,7 @@ def make_block(cfg: ModelConfig) -> Block:
     return Block(cfg=cfg, dtype=dtype, attention_impl=resolve_attention_impl(cfg.attention_impl, dtype))
 
 
+@partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: Array) -> Params:
     """Fresh float32 params with the reference's initialisation (and the records' for options).
 
@@ -138,11 +139,6 @@ def init_params(cfg: ModelConfig, key: Array) -> Params:
     one at a time (`lax.map`, not `vmap`): a batched QR of the orthogonal init is
     a LAPACK kernel that waits on XLA:CPU's thread pool for its batch items, and
     two of them running at once on a 2-thread pool wait on each other forever."""
-    return _init_params(cfg, key)
-
-
-@partial(jax.jit, static_argnums=0)
-def _init_params(cfg: ModelConfig, key: Array) -> Params:
     k_emb, k_blocks, k_head, k_extra = jax.random.split(key, 4)
     block = make_block(cfg)
     dummy = jnp.zeros((1, 2, cfg.model_dim), jnp.float32)
