@@ -26,6 +26,13 @@ def require(path: Path) -> Path:
     return path
 
 
+def write_config_setting(path: Path, section: str, name: str, value) -> Path:
+    """A config file whose get_config() is the default with one field set to `value` (any Python value)."""
+    path.write_text("from dataclasses import replace\nfrom golfjax.config import Config\n\n\ndef get_config():\n"
+                    f"    c = Config()\n    return replace(c, {section}=replace(c.{section}, {name}={value!r}))\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return require(GOLDEN)

@@ -23,7 +23,7 @@ import pytest
 
 from golfjax.config import SECTIONS, Config, env_name
 from golfjax.data.shards import write_shard
-from tests.conftest import REPO, TOKENIZER_1024, require
+from tests.conftest import REPO, TOKENIZER_1024, require, write_config_setting
 
 TINY = {
     "NUM_LAYERS": "1",
@@ -76,10 +76,7 @@ def work(tmp_path_factory) -> dict[str, Path]:
     paths["a_directory"].mkdir()
     paths["a_file"] = root / "a_file"
     paths["a_file"].write_text("not a directory\n")
-    paths["typo_config"] = root / "typo_config.py"
-    paths["typo_config"].write_text("from dataclasses import replace\nfrom golfjax.config import Config\n\n\n"
-                                    "def get_config():\n    c = Config()\n"
-                                    "    return replace(c, model=replace(c.model, ve_layers=[7, 8]))\n")
+    paths["typo_config"] = write_config_setting(root / "typo_config.py", "model", "ve_layers", [7, 8])
     paths["resumable"], paths["halfsaved"] = _checkpointed_runs(root, paths)
     return paths
 

@@ -22,7 +22,7 @@ from golfjax.config import (
     to_json,
     validate,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, write_config_setting
 
 # The Hyperparameters of the reference train_gpt.py, read from the environment there.
 REFERENCE_ENV_NAMES = """
@@ -298,9 +298,7 @@ def test_validate_rejects_impossible_shapes(env, message):
 ])
 def test_validate_names_a_field_of_the_wrong_type(tmp_path, section, name, value, message):
     """A config file is Python: a wrong type is a ConfigError naming the field, not a traceback later."""
-    path = tmp_path / "typo.py"
-    path.write_text("from dataclasses import replace\nfrom golfjax.config import Config\n\n\ndef get_config():\n"
-                    f"    c = Config()\n    return replace(c, {section}=replace(c.{section}, {name}={value!r}))\n")
+    path = write_config_setting(tmp_path / "typo.py", section, name, value)
     with pytest.raises(ConfigError, match=message):
         resolve(path, [], environ={})
 
