@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import flax.linen as nn
@@ -225,10 +228,6 @@ def test_orthogonal_init_of_a_layer_stack_finishes_on_two_threads():
     """Regression: the layers' orthogonal inits as one batched QR each (vmap) ran as
     LAPACK kernels that wait on XLA:CPU's thread pool for their batch items; two at
     once on a 2-thread pool waited on each other forever (3 of 3 runs hung)."""
-    import os
-    import subprocess
-    import sys
-
     try:
         # one CPU device: with the suite's 8 virtual devices XLA's pool has room and never hung
         env = dict(os.environ, XLA_FLAGS="")
